@@ -1,0 +1,355 @@
+#include "rpc/client.h"
+
+#include <asio/co_spawn.hpp>
+#include <asio/steady_timer.hpp>
+#include <map>
+#include <spdlog/spdlog.h>
+#include <unordered_map>
+
+#include "ferry/v1/control.ferry.h"
+#include "ferry/v1/error.pb.h"
+
+namespace ferry::rpc {
+
+// ---- CancelSource ----
+
+void CancelSource::cancel() {
+  std::vector<std::pair<std::size_t, std::function<void()>>> watchers;
+  {
+    std::lock_guard lock(mutex_);
+    if (cancelled_) return;
+    cancelled_ = true;
+    watchers.swap(watchers_);
+  }
+  for (auto& [id, fn] : watchers) fn();
+}
+
+bool CancelSource::cancelled() const {
+  std::lock_guard lock(mutex_);
+  return cancelled_;
+}
+
+std::size_t CancelSource::watch(std::function<void()> fn) {
+  {
+    std::lock_guard lock(mutex_);
+    if (!cancelled_) {
+      watchers_.emplace_back(next_id_, std::move(fn));
+      return next_id_++;
+    }
+  }
+  fn();
+  return 0;
+}
+
+void CancelSource::forget(std::size_t id) {
+  std::lock_guard lock(mutex_);
+  std::erase_if(watchers_, [id](const auto& w) { return w.first == id; });
+}
+
+namespace detail {
+
+using Control = ferry::v1::Control;
+
+class ClientCore final : public FrameHandler, public std::enable_shared_from_this<ClientCore> {
+ public:
+  ClientCore(std::shared_ptr<Connection> connection, ClientOptions options)
+      : connection_(std::move(connection)), executor_(connection_->get_executor()), options_(std::move(options)) {}
+
+  Serial start(std::uint32_t program, std::uint32_t version, std::uint32_t procedure, std::string body,
+               CallOptions options, std::unique_ptr<CallCompletion> done) {
+    Pending pending;
+    pending.done = std::move(done);
+    pending.program = program;
+    pending.version = version;
+    pending.procedure = procedure;
+    Serial serial;
+    std::optional<Error> refused;
+    {
+      std::lock_guard lock(mutex_);
+      do {
+        serial = next_serial_++;
+      } while (serial == 0 || pending_.count(serial));
+      if (closed_reason_) {
+        refused = *closed_reason_;
+      } else {
+        if (options.timeout) pending.timer = std::make_unique<asio::steady_timer>(executor_, *options.timeout);
+        pending.timeout = options.timeout;
+        pending_.emplace(serial, std::move(pending));
+      }
+    }
+    if (refused) {
+      pending.done->complete(RawResult{std::move(*refused), {}});
+      return serial;
+    }
+    std::weak_ptr<ClientCore> weak = shared_from_this();
+    {
+      // Arm the timer and the cancel watch under the lock so a completion on
+      // another thread cannot race with storing them.
+      std::lock_guard lock(mutex_);
+      auto it = pending_.find(serial);
+      if (it != pending_.end() && it->second.timer) {
+        it->second.timer->async_wait([weak, serial](std::error_code ec) {
+          if (ec) return;
+          if (auto core = weak.lock()) core->expire(serial);
+        });
+      }
+    }
+    if (options.cancel) {
+      auto source = options.cancel;
+      std::size_t id = source->watch([weak, serial] {
+        if (auto core = weak.lock()) core->cancel(serial);
+      });
+      std::lock_guard lock(mutex_);
+      auto it = pending_.find(serial);
+      if (it != pending_.end()) {
+        it->second.cancel = std::move(source);
+        it->second.watch_id = id;
+      } else if (id) {
+        source->forget(id);
+      }
+    }
+    Header h{program, version, procedure, FrameType::call, serial, FrameStatus::ok};
+    if (!connection_->send(h, std::move(body))) fail(serial, closed_error());
+    return serial;
+  }
+
+  // Ask the server to stop; the call ends with the server's answer.
+  void cancel(Serial serial) {
+    Header h;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = pending_.find(serial);
+      if (it == pending_.end() || it->second.cancel_sent) return;
+      it->second.cancel_sent = true;
+      h = Header{it->second.program, it->second.version, it->second.procedure, FrameType::cancel, serial,
+                 FrameStatus::ok};
+    }
+    if (connection_->unqueue(serial, FrameType::call)) {
+      fail(serial, Error(Code::cancelled, "call cancelled before it was sent"));
+      return;
+    }
+    connection_->send(h, {});
+  }
+
+  void expire(Serial serial) {
+    Header h;
+    std::chrono::milliseconds after{};
+    {
+      std::lock_guard lock(mutex_);
+      auto it = pending_.find(serial);
+      if (it == pending_.end()) return;
+      h = Header{it->second.program, it->second.version, it->second.procedure, FrameType::cancel, serial,
+                 FrameStatus::ok};
+      if (it->second.timeout)
+        after = std::chrono::duration_cast<std::chrono::milliseconds>(*it->second.timeout);
+      if (it->second.cancel_sent) h.type = FrameType::call;  // marker: nothing more to send
+      it->second.cancel_sent = true;
+    }
+    const bool unsent = connection_->unqueue(serial, FrameType::call);
+    fail(serial, Error(Code::deadline_exceeded, "deadline of " + std::to_string(after.count()) +
+                                                    " ms exceeded" + (unsent ? " before the call was sent" : "")));
+    if (!unsent && h.type == FrameType::cancel) connection_->send(h, {});
+  }
+
+  void fail(Serial serial, Error error) { complete(serial, RawResult{std::move(error), {}}); }
+
+  void complete(Serial serial, RawResult result) {
+    Pending pending;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = pending_.find(serial);
+      if (it == pending_.end()) return;  // already completed (deadline, cancel race)
+      pending = std::move(it->second);
+      pending_.erase(it);
+    }
+    if (pending.timer) pending.timer->cancel();
+    if (pending.cancel && pending.watch_id) pending.cancel->forget(pending.watch_id);
+    pending.done->complete(std::move(result));
+  }
+
+  void on_frame(const Header& header, Buffer body) override {
+    switch (header.type) {
+      case FrameType::reply:
+        if (header.status == FrameStatus::ok) {
+          complete(header.serial, RawResult{std::nullopt, std::move(body)});
+        } else {
+          ferry::v1::Error e;
+          if (!e.ParseFromArray(body.data(), static_cast<int>(body.size()))) {
+            fail(header.serial, Error(Code::internal, "server sent an ERROR reply whose body does not parse"));
+          } else {
+            fail(header.serial, Error::from_proto(e));
+          }
+        }
+        return;
+      case FrameType::message:
+        on_message(header, body);
+        return;
+      default:
+        spdlog::debug("client: ignoring {} frame for serial {}", to_string(header.type), header.serial);
+        return;
+    }
+  }
+
+  void on_message(const Header& header, const Buffer& body) {
+    if (header.program == Control::program && header.procedure == Control::Goodbye::number) {
+      ferry::v1::GoodbyeNotice bye;
+      if (bye.ParseFromArray(body.data(), static_cast<int>(body.size()))) {
+        std::lock_guard lock(mutex_);
+        goodbye_ = Error(static_cast<Code>(bye.code()), "server closed the connection: " + bye.reason());
+      }
+      return;
+    }
+    std::function<void(const Buffer&)> fn;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = message_handlers_.find({header.program, header.procedure});
+      if (it != message_handlers_.end()) fn = it->second;
+    }
+    if (fn) fn(body);
+  }
+
+  void on_close(const Error& reason) override {
+    std::unordered_map<Serial, Pending> pending;
+    Error why = reason;
+    {
+      std::lock_guard lock(mutex_);
+      if (goodbye_) why = *goodbye_;
+      closed_reason_ = why;
+      pending.swap(pending_);
+    }
+    for (auto& [serial, p] : pending) {
+      if (p.timer) p.timer->cancel();
+      if (p.cancel && p.watch_id) p.cancel->forget(p.watch_id);
+      p.done->complete(RawResult{why, {}});
+    }
+  }
+
+  Error closed_error() {
+    std::lock_guard lock(mutex_);
+    if (closed_reason_) return *closed_reason_;
+    return Error(Code::unavailable, "connection closed");
+  }
+
+  void set_message_handler(std::uint32_t program, std::uint32_t procedure, std::function<void(const Buffer&)> fn) {
+    std::lock_guard lock(mutex_);
+    message_handlers_[{program, procedure}] = std::move(fn);
+  }
+
+  std::size_t in_flight() const {
+    std::lock_guard lock(mutex_);
+    return pending_.size();
+  }
+
+  bool open() const {
+    std::lock_guard lock(mutex_);
+    return !closed_reason_;
+  }
+
+  std::shared_ptr<Connection> connection_;
+  asio::any_io_executor executor_;
+  ClientOptions options_;
+  ServerInfo server_;
+
+ private:
+  struct Pending {
+    std::unique_ptr<CallCompletion> done;
+    std::unique_ptr<asio::steady_timer> timer;
+    std::optional<std::chrono::steady_clock::duration> timeout;
+    std::shared_ptr<CancelSource> cancel;
+    std::size_t watch_id = 0;
+    std::uint32_t program = 0, version = 0, procedure = 0;
+    bool cancel_sent = false;
+  };
+
+  mutable std::mutex mutex_;
+  std::unordered_map<Serial, Pending> pending_;
+  Serial next_serial_ = 1;
+  std::optional<Error> closed_reason_;
+  std::optional<Error> goodbye_;
+  std::map<std::pair<std::uint32_t, std::uint32_t>, std::function<void(const Buffer&)>> message_handlers_;
+};
+
+Serial start_call(const std::shared_ptr<ClientCore>& core, std::uint32_t program, std::uint32_t version,
+                  std::uint32_t procedure, std::string body, CallOptions options,
+                  std::unique_ptr<CallCompletion> done) {
+  return core->start(program, version, procedure, std::move(body), std::move(options), std::move(done));
+}
+
+void cancel_call(const std::weak_ptr<ClientCore>& weak, Serial serial) {
+  if (auto core = weak.lock()) core->cancel(serial);
+}
+
+asio::any_io_executor core_executor(ClientCore& core) { return core.executor_; }
+
+}  // namespace detail
+
+asio::awaitable<Client> Client::connect(asio::any_io_executor executor, std::string address, ClientOptions options) {
+  const Endpoint endpoint = Endpoint::parse(address);
+  auto transport = co_await connect_transport(executor, endpoint);
+  auto connection = std::make_shared<Connection>(std::move(transport), options.connection);
+  auto core = std::make_shared<detail::ClientCore>(connection, options);
+  connection->start(core);
+  Client client(core);
+
+  ferry::v1::HelloCall hello;
+  hello.set_protocol_version(1);
+  hello.set_max_frame(options.connection.limits.max_frame);
+  hello.set_chunk_size(options.connection.limits.max_chunk);
+  hello.set_window(options.window);
+  hello.set_client_name(options.name);
+  hello.set_keepalive_interval_ms(static_cast<std::uint32_t>(options.connection.keepalive_interval.count()));
+  hello.set_keepalive_count(options.connection.keepalive_count);
+  ferry::v1::HelloReply reply;
+  try {
+    reply = co_await client.call<ferry::v1::Control::Hello>(hello, with_timeout(options.connect_timeout));
+  } catch (const Error& e) {
+    throw Error(e.code() == Code::deadline_exceeded ? Code::unavailable : e.code(),
+                "handshake with " + endpoint.to_string() + " failed: " + e.message(), e.domain(), e.retryable());
+  }
+  if (reply.protocol_version() != 1)
+    throw Error(Code::unimplemented,
+                "server speaks protocol version " + std::to_string(reply.protocol_version()) + ", this client 1");
+  ServerInfo& info = core->server_;
+  info.name = reply.server_name();
+  info.protocol_version = reply.protocol_version();
+  info.limits.max_frame = reply.max_frame();
+  info.limits.max_chunk = reply.chunk_size();
+  info.window = reply.window();
+  info.auth_required = reply.auth_required();
+  connection->set_limits(info.limits);
+  co_return client;
+}
+
+Client Client::connect_sync(asio::any_io_executor executor, std::string address, ClientOptions options) {
+  auto future = asio::co_spawn(executor, connect(executor, std::move(address), std::move(options)), asio::use_future);
+  return future.get();
+}
+
+Client& Client::operator=(Client&& other) noexcept {
+  if (this != &other) {
+    close();
+    core_ = std::move(other.core_);
+  }
+  return *this;
+}
+
+Client::~Client() { close(); }
+
+void Client::close() {
+  if (core_) core_->connection_->close(Error(Code::unavailable, "connection closed by the client"));
+}
+
+bool Client::is_open() const { return core_ && core_->open(); }
+const ServerInfo& Client::server() const { return core_->server_; }
+const PeerIdentity& Client::peer() const { return core_->connection_->peer(); }
+ConnectionStats Client::stats() const { return core_->connection_->stats(); }
+std::size_t Client::calls_in_flight() const { return core_->in_flight(); }
+asio::any_io_executor Client::executor() const { return core_->executor_; }
+std::shared_ptr<Connection> Client::connection() const { return core_->connection_; }
+
+void Client::set_message_handler(std::uint32_t program, std::uint32_t procedure,
+                                 std::function<void(const Buffer&)> handler) {
+  core_->set_message_handler(program, procedure, std::move(handler));
+}
+
+}  // namespace ferry::rpc

@@ -1,0 +1,392 @@
+#include "rpc/connection.h"
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/experimental/awaitable_operators.hpp>
+#include <asio/post.hpp>
+#include <asio/use_awaitable.hpp>
+#include <spdlog/spdlog.h>
+
+#include "ferry/v1/control.ferry.h"
+
+namespace ferry::rpc {
+
+namespace {
+constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
+using Control = ferry::v1::Control;
+
+Error io_error(const std::error_code& ec, const PeerIdentity& peer) {
+  if (ec == asio::error::eof) return Error(Code::unavailable, "connection closed by peer (" + peer.address + ")");
+  if (ec == asio::error::operation_aborted) return Error(Code::unavailable, "connection closed");
+  return Error(Code::unavailable, "connection to " + peer.address + " failed: " + ec.message());
+}
+
+template <class Fn>
+void spawn(asio::any_io_executor ex, std::shared_ptr<Connection> self, Fn fn) {
+  asio::co_spawn(ex, std::move(fn), [self](std::exception_ptr e) {
+    if (e) self->close(Error::from_exception(e));
+  });
+}
+}  // namespace
+
+Connection::Connection(std::unique_ptr<Transport> transport, ConnectionOptions options)
+    : transport_(std::move(transport)),
+      executor_(transport_->get_executor()),
+      options_(options),
+      read_buffer_(options.read_buffer_size),
+      max_frame_(options.limits.max_frame),
+      max_chunk_(options.limits.max_chunk),
+      wake_(executor_),
+      keepalive_timer_(executor_),
+      keepalive_ms_(options.keepalive_interval.count()),
+      keepalive_count_(options.keepalive_count) {}
+
+Connection::~Connection() = default;
+
+void Connection::start(std::shared_ptr<FrameHandler> handler) {
+  handler_ = std::move(handler);
+  last_rx_ = std::chrono::steady_clock::now();
+  auto self = shared_from_this();
+  if (options_.half_duplex) {
+    spawn(executor_, self, [self]() { return self->run_half_duplex(); });
+  } else {
+    spawn(executor_, self, [self]() { return self->run_reader(); });
+    spawn(executor_, self, [self]() { return self->run_writer(); });
+  }
+  spawn(executor_, self, [self]() { return self->run_keepalive(); });
+}
+
+bool Connection::send(const Header& header, std::string body, Lane lane) {
+  OutFrame f;
+  encode_prefix(header, body.size(), f.prefix.data());
+  f.body = std::move(body);
+  f.serial = header.serial;
+  f.type = header.type;
+  return send(std::move(f), lane);
+}
+
+bool Connection::send(OutFrame frame, Lane lane) {
+  bool wake = false;
+  {
+    std::lock_guard lock(mutex_);
+    if (closed_.load(std::memory_order_relaxed)) return false;
+    (lane == Lane::control ? control_ : bulk_).push_back(std::move(frame));
+    if (writer_idle_) {
+      writer_idle_ = false;
+      wake = true;
+    }
+  }
+  if (wake) wake_writer();
+  return true;
+}
+
+void Connection::wake_writer() {
+  asio::post(executor_, [self = shared_from_this()] { self->wake_.cancel(); });
+}
+
+bool Connection::unqueue(Serial serial, FrameType type) {
+  std::lock_guard lock(mutex_);
+  for (auto it = control_.begin(); it != control_.end(); ++it) {
+    if (it->serial == serial && it->type == type) {
+      control_.erase(it);
+      return true;
+    }
+  }
+  return false;
+}
+
+void Connection::close(Error reason) {
+  asio::post(executor_, [self = shared_from_this(), reason = std::move(reason)]() mutable {
+    self->close_on_strand(std::move(reason));
+  });
+}
+
+void Connection::close_after_flush(Error reason, std::chrono::milliseconds deadline) {
+  bool wake = false;
+  {
+    std::lock_guard lock(mutex_);
+    if (closed_) return;
+    flush_then_close_ = true;
+    flush_close_reason_ = reason.message();
+    flush_close_code_ = reason.code();
+    if (writer_idle_) {
+      writer_idle_ = false;
+      wake = true;
+    }
+  }
+  if (wake) wake_writer();
+  auto timer = std::make_shared<asio::steady_timer>(executor_, deadline);
+  timer->async_wait([self = shared_from_this(), timer, reason](std::error_code) mutable {
+    self->close_on_strand(std::move(reason));
+  });
+}
+
+void Connection::close_on_strand(Error reason) {
+  if (close_handled_) return;
+  close_handled_ = true;
+  {
+    std::lock_guard lock(mutex_);
+    closed_.store(true, std::memory_order_release);
+    control_.clear();
+    bulk_.clear();
+  }
+  transport_->close();
+  wake_.cancel();
+  keepalive_timer_.cancel();
+  if (auto handler = std::move(handler_)) handler->on_close(reason);
+}
+
+void Connection::set_limits(FrameLimits limits) {
+  max_frame_.store(limits.max_frame);
+  max_chunk_.store(limits.max_chunk);
+}
+
+void Connection::set_keepalive(std::chrono::milliseconds interval, unsigned count) {
+  keepalive_ms_.store(interval.count());
+  keepalive_count_.store(count);
+  asio::post(executor_, [self = shared_from_this()] { self->keepalive_timer_.cancel(); });
+}
+
+ConnectionStats Connection::stats() const {
+  ConnectionStats s;
+  s.bytes_in = bytes_in_.load(std::memory_order_relaxed);
+  s.bytes_out = bytes_out_.load(std::memory_order_relaxed);
+  s.frames_in = frames_in_.load(std::memory_order_relaxed);
+  s.frames_out = frames_out_.load(std::memory_order_relaxed);
+  s.writes = writes_.load(std::memory_order_relaxed);
+  return s;
+}
+
+std::size_t Connection::queued_frames() const {
+  std::lock_guard lock(mutex_);
+  return control_.size() + bulk_.size();
+}
+
+// ---- read side ----
+
+bool Connection::buffered_frame_ready() const {
+  const std::size_t avail = read_end_ - read_begin_;
+  if (avail < prefix_size) return false;
+  const std::uint32_t length = detail::get_u32(read_buffer_.data() + read_begin_);
+  return avail - length_size >= length;
+}
+
+asio::awaitable<bool> Connection::read_frame(Header& header, Buffer& body) {
+  // Collect the 28-byte prefix, reading as much as the socket offers so that
+  // a burst of small frames costs one read.
+  while (read_end_ - read_begin_ < prefix_size) {
+    if (read_begin_ > 0) {
+      const std::size_t n = read_end_ - read_begin_;
+      if (n) std::memmove(read_buffer_.data(), read_buffer_.data() + read_begin_, n);
+      read_begin_ = 0;
+      read_end_ = n;
+    }
+    auto [ec, n] = co_await transport_->read_some(
+        asio::buffer(read_buffer_.data() + read_end_, read_buffer_.size() - read_end_));
+    if (ec) {
+      close_on_strand(io_error(ec, peer()));
+      co_return false;
+    }
+    read_end_ += n;
+    bytes_in_.fetch_add(n, std::memory_order_relaxed);
+    last_rx_ = std::chrono::steady_clock::now();
+    missed_pings_ = 0;
+  }
+  FrameLimits limits;
+  limits.max_frame = max_frame_.load(std::memory_order_relaxed);
+  limits.max_chunk = max_chunk_.load(std::memory_order_relaxed);
+  auto result = decode_prefix(
+      std::span<const std::uint8_t, prefix_size>(read_buffer_.data() + read_begin_, prefix_size), limits);
+  if (!result) {
+    spdlog::warn("protocol error from {} ({}): {}; closing the connection", peer().address, peer().transport,
+                 result.error.message);
+    close_on_strand(Error(Code::unavailable, "protocol error: " + result.error.message));
+    co_return false;
+  }
+  read_begin_ += prefix_size;
+  header = result.prefix->header;
+  const std::size_t size = result.prefix->body_size;
+  body = Buffer(size);
+  const std::size_t have = std::min(size, read_end_ - read_begin_);
+  if (have) std::memcpy(body.data(), read_buffer_.data() + read_begin_, have);
+  read_begin_ += have;
+  if (read_begin_ == read_end_) read_begin_ = read_end_ = 0;
+  if (have < size) {
+    // A large body goes straight from the socket into its own buffer.
+    std::size_t got = have;
+    while (got < size) {
+      auto [ec, n] = co_await transport_->read_some(asio::buffer(body.data() + got, size - got));
+      if (ec) {
+        close_on_strand(ec == asio::error::eof ? Error(Code::unavailable, "connection closed by peer in the middle of a " +
+                                                                               std::string(to_string(header.type)) + " frame")
+                                               : io_error(ec, peer()));
+        co_return false;
+      }
+      got += n;
+      bytes_in_.fetch_add(n, std::memory_order_relaxed);
+      last_rx_ = std::chrono::steady_clock::now();
+      missed_pings_ = 0;
+    }
+  }
+  frames_in_.fetch_add(1, std::memory_order_relaxed);
+  co_return true;
+}
+
+void Connection::dispatch(const Header& header, Buffer body) {
+  if (header.program == Control::program && header.type == FrameType::message) {
+    if (header.procedure == Control::KeepalivePing::number) {
+      ferry::v1::Ping ping;
+      ferry::v1::Pong pong;
+      if (ping.ParseFromArray(body.data(), static_cast<int>(body.size()))) pong.set_token(ping.token());
+      Header h{Control::program, Control::version, Control::KeepalivePong::number, FrameType::message, 0,
+               FrameStatus::ok};
+      send(h, pong.SerializeAsString());
+      return;
+    }
+    if (header.procedure == Control::KeepalivePong::number) return;  // last_rx_ already updated
+  }
+  if (handler_) handler_->on_frame(header, std::move(body));
+}
+
+asio::awaitable<void> Connection::run_reader() {
+  auto self = shared_from_this();
+  Header header;
+  Buffer body;
+  while (!close_handled_) {
+    if (!co_await read_frame(header, body)) co_return;
+    dispatch(header, std::move(body));
+  }
+}
+
+// ---- write side ----
+
+bool Connection::take_batch(std::vector<OutFrame>& batch) {
+  std::lock_guard lock(mutex_);
+  std::size_t bytes = 0;
+  // Control frames are small and never wait behind bulk ones.
+  while (!control_.empty() && batch.size() < 512) {
+    bytes += control_.front().wire_size();
+    batch.push_back(std::move(control_.front()));
+    control_.pop_front();
+  }
+  std::size_t bulk_bytes = 0;
+  while (!bulk_.empty() && batch.size() < 512 && bulk_bytes < options_.max_batch_bytes) {
+    bulk_bytes += bulk_.front().wire_size();
+    batch.push_back(std::move(bulk_.front()));
+    bulk_.pop_front();
+  }
+  if (batch.empty()) writer_idle_ = true;
+  return !batch.empty();
+}
+
+asio::awaitable<bool> Connection::write_batch(std::vector<OutFrame>& batch) {
+  std::vector<asio::const_buffer> iov;
+  iov.reserve(batch.size() * 3);
+  std::size_t total = 0;
+  for (auto& f : batch) {
+    iov.emplace_back(f.prefix.data(), f.prefix.size());
+    if (!f.body.empty()) iov.emplace_back(f.body.data(), f.body.size());
+    if (!f.payload.empty()) iov.emplace_back(f.payload.data(), f.payload.size());
+    total += f.wire_size();
+  }
+  auto [ec, n] = co_await transport_->write_all(iov);
+  if (ec) {
+    close_on_strand(io_error(ec, peer()));
+    co_return false;
+  }
+  bytes_out_.fetch_add(total, std::memory_order_relaxed);
+  frames_out_.fetch_add(batch.size(), std::memory_order_relaxed);
+  writes_.fetch_add(1, std::memory_order_relaxed);
+  batch.clear();
+  co_return true;
+}
+
+asio::awaitable<void> Connection::run_writer() {
+  auto self = shared_from_this();
+  std::vector<OutFrame> batch;
+  while (!close_handled_) {
+    if (take_batch(batch)) {
+      if (!co_await write_batch(batch)) co_return;
+      continue;
+    }
+    {
+      std::unique_lock lock(mutex_);
+      if (flush_then_close_) {
+        lock.unlock();
+        close_on_strand(Error(flush_close_code_, flush_close_reason_));
+        co_return;
+      }
+    }
+    wake_.expires_at(asio::steady_timer::time_point::max());
+    co_await wake_.async_wait(use_tuple);
+  }
+}
+
+asio::awaitable<void> Connection::run_half_duplex() {
+  // One direction at a time, as a client with a single state machine does:
+  // write everything queued, else wait for either a reply or new work, and
+  // read a whole frame before writing again.
+  using namespace asio::experimental::awaitable_operators;
+  auto self = shared_from_this();
+  std::vector<OutFrame> batch;
+  Header header;
+  Buffer body;
+  while (!close_handled_) {
+    if (buffered_frame_ready()) {
+      if (!co_await read_frame(header, body)) co_return;
+      dispatch(header, std::move(body));
+      continue;
+    }
+    if (take_batch(batch)) {
+      if (!co_await write_batch(batch)) co_return;
+      continue;
+    }
+    wake_.expires_at(asio::steady_timer::time_point::max());
+    auto which = co_await (transport_->wait_readable() || wake_.async_wait(use_tuple));
+    if (which.index() == 0) {
+      {
+        std::lock_guard lock(mutex_);
+        writer_idle_ = false;
+      }
+      if (!co_await read_frame(header, body)) co_return;
+      dispatch(header, std::move(body));
+    }
+  }
+}
+
+// ---- keepalive ----
+
+asio::awaitable<void> Connection::run_keepalive() {
+  auto self = shared_from_this();
+  while (!close_handled_) {
+    const auto interval = std::chrono::milliseconds(keepalive_ms_.load());
+    if (interval.count() <= 0) {
+      keepalive_timer_.expires_at(asio::steady_timer::time_point::max());
+      co_await keepalive_timer_.async_wait(use_tuple);
+      continue;
+    }
+    keepalive_timer_.expires_after(interval);
+    auto [ec] = co_await keepalive_timer_.async_wait(use_tuple);
+    if (close_handled_) co_return;
+    if (ec) continue;  // settings changed
+    if (std::chrono::steady_clock::now() - last_rx_ < interval) continue;
+    if (missed_pings_ >= keepalive_count_.load()) {
+      auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - last_rx_);
+      spdlog::warn("peer {} unreachable: nothing received for {} ms; {} keepalive probes unanswered",
+                   peer().address, silent.count(), missed_pings_);
+      close_on_strand(Error(Code::unavailable, "peer unreachable: nothing received for " +
+                                                   std::to_string(silent.count()) + " ms (" +
+                                                   std::to_string(missed_pings_) + " keepalive probes unanswered)"));
+      co_return;
+    }
+    ++missed_pings_;
+    ferry::v1::Ping ping;
+    ping.set_token(++ping_token_);
+    Header h{Control::program, Control::version, Control::KeepalivePing::number, FrameType::message, 0,
+             FrameStatus::ok};
+    send(h, ping.SerializeAsString());
+  }
+}
+
+}  // namespace ferry::rpc

@@ -1,0 +1,581 @@
+#include "rpc/server.h"
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/io_context.hpp>
+#include <asio/ip/tcp.hpp>
+#include <asio/local/stream_protocol.hpp>
+#include <asio/post.hpp>
+#include <asio/strand.hpp>
+#include <asio/thread_pool.hpp>
+#include <asio/use_awaitable.hpp>
+#include <condition_variable>
+#include <filesystem>
+#include <map>
+#include <set>
+#include <spdlog/spdlog.h>
+#include <thread>
+#include <unordered_map>
+
+#include "ferry/v1/control.ferry.h"
+#include "ferry/v1/error.pb.h"
+#include "rpc/connection.h"
+#include "rpc/socket_transport.h"
+
+namespace ferry::rpc {
+
+namespace detail {
+
+bool CallState::finish_error(const Error& error) { return finish(FrameStatus::error, error.to_proto().SerializeAsString()); }
+
+void request_cancel(const std::shared_ptr<CallState>& state) {
+  if (state->cancel_requested.exchange(true)) return;
+  state->sink->note_cancelled();
+  std::function<void()> fn;
+  {
+    std::lock_guard lock(state->mutex);
+    fn = std::move(state->on_cancel);
+  }
+  if (fn) fn();
+  if (state->executor)
+    asio::post(state->executor, [state] { state->signal.emit(asio::cancellation_type::terminal); });
+}
+
+void log_handler_exception(const CallState& state, const Error& error) {
+  spdlog::error("handler {} (serial {}) from {} failed: {}", state.procedure_name, state.header.serial,
+                state.sink->peer().address, error.message());
+}
+
+}  // namespace detail
+
+namespace {
+constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
+using Control = ferry::v1::Control;
+}  // namespace
+
+class Server::Impl {
+ public:
+  explicit Impl(ServerOptions options)
+      : options_(std::move(options)),
+        io_threads_(options_.io_threads ? options_.io_threads : std::max(1u, std::thread::hardware_concurrency())),
+        workers_(std::max(1u, options_.worker_threads)) {}
+
+  class Session;
+
+  ServerOptions options_;
+  unsigned io_threads_;
+  asio::io_context io_;
+  asio::thread_pool workers_;
+  std::vector<std::thread> threads_;
+  std::map<std::uint32_t, std::shared_ptr<Program>> programs_;
+
+  std::vector<std::unique_ptr<asio::local::stream_protocol::acceptor>> unix_acceptors_;
+  std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_acceptors_;
+  std::vector<std::string> unix_paths_;
+
+  mutable std::mutex mutex_;
+  std::condition_variable cv_;
+  std::set<std::shared_ptr<Session>> sessions_;
+  std::atomic<bool> shutting_down_{false};
+  bool started_ = false;
+  bool stopped_ = false;
+  bool done_ = false;
+
+  std::atomic<std::uint64_t> calls_in_flight_{0};
+  std::atomic<std::uint64_t> calls_total_{0};
+  std::atomic<std::uint64_t> calls_cancelled_{0};
+  std::atomic<std::uint64_t> protocol_errors_{0};
+  std::atomic<std::uint64_t> clients_refused_{0};
+
+  void accept_connection(std::unique_ptr<Transport> transport);
+  void session_closed(const std::shared_ptr<Session>& session);
+  template <class Acceptor>
+  asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string name);
+  void begin_shutdown();
+  void finish_shutdown();
+};
+
+// One client connection: Hello, dispatch, CANCEL, limits. The map of calls
+// in flight is touched by the strand (new calls, cancels) and by whatever
+// thread a handler finishes on, hence the mutex.
+class Server::Impl::Session final : public FrameHandler,
+                                    public detail::CallSink,
+                                    public std::enable_shared_from_this<Session> {
+ public:
+  // The server outlives its sessions: shutdown joins the io threads before
+  // the Impl goes away, so a plain pointer suffices and makes no cycle.
+  Session(Impl* server, std::shared_ptr<Connection> connection) : connection_(std::move(connection)), server_(server) {}
+
+  void on_frame(const Header& header, Buffer body) override {
+    switch (header.type) {
+      case FrameType::call:
+        on_call(header, std::move(body));
+        return;
+      case FrameType::cancel:
+        on_cancel(header);
+        return;
+      case FrameType::message:
+        spdlog::debug("ignoring MESSAGE program {} procedure {} from {}", header.program, header.procedure,
+                      peer().address);
+        return;
+      case FrameType::reply:
+        protocol_error("client sent a REPLY (serial " + std::to_string(header.serial) + "); clients only call");
+        return;
+      default:
+        protocol_error(std::string(to_string(header.type)) + " for serial " + std::to_string(header.serial) +
+                       ", which opened no stream");
+        return;
+    }
+  }
+
+  void on_close(const Error& reason) override {
+    std::vector<std::shared_ptr<detail::CallState>> calls;
+    {
+      std::lock_guard lock(mutex_);
+      closed_ = true;
+      for (auto& [serial, state] : calls_) calls.push_back(state);
+    }
+    if (!calls.empty())
+      spdlog::info("client {} gone with {} calls in flight ({}); cancelling them", peer().address, calls.size(),
+                   reason.message());
+    else
+      spdlog::debug("client {} disconnected: {}", peer().address, reason.message());
+    for (auto& state : calls) detail::request_cancel(state);
+    server_->session_closed(shared_from_this());
+  }
+
+  // CallSink
+  void finish_call(const Header& call, FrameStatus status, std::string body) override {
+    {
+      std::lock_guard lock(mutex_);
+      if (calls_.erase(call.serial) == 0) return;
+    }
+    server_->calls_in_flight_.fetch_sub(1, std::memory_order_relaxed);
+    Header h = call;
+    h.type = FrameType::reply;
+    h.status = status;
+    connection_->send(h, std::move(body));
+  }
+
+  bool push_message(std::uint32_t program, std::uint32_t version, std::uint32_t procedure,
+                    std::string body) override {
+    Header h{program, version, procedure, FrameType::message, 0, FrameStatus::ok};
+    return connection_->send(h, std::move(body));
+  }
+
+  const PeerIdentity& peer() const override { return connection_->peer(); }
+  void note_cancelled() override { server_->calls_cancelled_.fetch_add(1, std::memory_order_relaxed); }
+
+  std::vector<std::shared_ptr<detail::CallState>> calls() {
+    std::lock_guard lock(mutex_);
+    std::vector<std::shared_ptr<detail::CallState>> out;
+    for (auto& [serial, state] : calls_) out.push_back(state);
+    return out;
+  }
+
+  void goodbye(Code code, const std::string& reason) {
+    ferry::v1::GoodbyeNotice bye;
+    bye.set_reason(reason);
+    bye.set_code(static_cast<ferry::v1::Code>(code));
+    push_message(Control::program, Control::version, Control::Goodbye::number, bye.SerializeAsString());
+    connection_->close_after_flush(Error(code, reason));
+  }
+
+  std::shared_ptr<Connection> connection_;
+
+ private:
+  void reply_error(const Header& call, const Error& error) {
+    Header h = call;
+    h.type = FrameType::reply;
+    h.status = FrameStatus::error;
+    connection_->send(h, error.to_proto().SerializeAsString());
+  }
+
+  void protocol_error(const std::string& why) {
+    server_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
+    spdlog::warn("protocol error from {} ({}): {}; closing the connection", peer().address, peer().transport, why);
+    connection_->close(Error(Code::unavailable, "protocol error: " + why));
+  }
+
+  void on_call(const Header& h, Buffer body) {
+    if (h.program == Control::program) {
+      on_control(h, body);
+      return;
+    }
+    if (!hello_done_) {
+      reply_error(h, Error(Code::failed_precondition,
+                           "Hello (program 0 procedure 1) must be the first call on a connection"));
+      return;
+    }
+    if (server_->shutting_down_.load()) {
+      reply_error(h, Error(Code::unavailable, "server is shutting down", "rpc", true));
+      return;
+    }
+    auto pit = server_->programs_.find(h.program);
+    if (pit == server_->programs_.end()) {
+      reply_error(h, Error(Code::unimplemented, "unknown program " + std::to_string(h.program)));
+      return;
+    }
+    const Program& program = *pit->second;
+    if (h.version != program.version()) {
+      reply_error(h, Error(Code::unimplemented, "program " + program.name() + " (" + std::to_string(h.program) +
+                                                    ") version " + std::to_string(h.version) +
+                                                    " is not supported; this server has version " +
+                                                    std::to_string(program.version())));
+      return;
+    }
+    const Program::Entry* entry = program.find(h.procedure);
+    if (!entry) {
+      reply_error(h, Error(Code::unimplemented, "program " + program.name() + " has no procedure " +
+                                                    std::to_string(h.procedure)));
+      return;
+    }
+    auto state = std::make_shared<detail::CallState>();
+    state->sink = shared_from_this();
+    state->header = h;
+    state->procedure_name = entry->name;
+    {
+      std::lock_guard lock(mutex_);
+      if (calls_.count(h.serial)) {
+        // Two calls under one serial make every later reply ambiguous.
+        protocol_error("serial " + std::to_string(h.serial) + " reused while its call is still in flight");
+        return;
+      }
+      if (calls_.size() >= server_->options_.max_calls_per_client) {
+        reply_error(h, Error(Code::resource_exhausted,
+                             "too many calls in flight on this connection (limit " +
+                                 std::to_string(server_->options_.max_calls_per_client) + "); retry later",
+                             "rpc", true));
+        return;
+      }
+      calls_.emplace(h.serial, state);
+    }
+    server_->calls_in_flight_.fetch_add(1, std::memory_order_relaxed);
+    server_->calls_total_.fetch_add(1, std::memory_order_relaxed);
+    asio::any_io_executor ex = entry->may_block ? asio::any_io_executor(asio::make_strand(server_->workers_))
+                                                : asio::any_io_executor(asio::make_strand(server_->io_));
+    if (!entry->invoke(state, std::move(body), ex)) {
+      // DESIGN.md: a body that does not parse is a protocol error. Say so to
+      // the caller first, so it sees why rather than a bare reset.
+      state->finish_error(Error(Code::invalid_argument, "malformed CALL body for " + entry->name +
+                                                            ": not a valid protobuf message; closing the connection"));
+      server_->protocol_errors_.fetch_add(1, std::memory_order_relaxed);
+      spdlog::warn("protocol error from {}: malformed CALL body for {} (serial {}); closing the connection",
+                   peer().address, entry->name, h.serial);
+      connection_->close_after_flush(Error(Code::unavailable, "protocol error: malformed CALL body for " + entry->name));
+    }
+  }
+
+  void on_cancel(const Header& h) {
+    std::shared_ptr<detail::CallState> state;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = calls_.find(h.serial);
+      if (it == calls_.end()) return;  // already answered: a no-op by design
+      state = it->second;
+    }
+    detail::request_cancel(state);
+  }
+
+  void on_control(const Header& h, const Buffer& body) {
+    switch (h.procedure) {
+      case Control::Hello::number: {
+        ferry::v1::HelloCall hello;
+        if (!hello.ParseFromArray(body.data(), static_cast<int>(body.size()))) {
+          reply_error(h, Error(Code::invalid_argument, "malformed Hello body"));
+          connection_->close_after_flush(Error(Code::unavailable, "protocol error: malformed Hello"));
+          return;
+        }
+        if (hello.protocol_version() != 1) {
+          reply_error(h, Error(Code::unimplemented, "protocol version " + std::to_string(hello.protocol_version()) +
+                                                        " is not supported; this server speaks version 1"));
+          return;
+        }
+        const auto& lim = server_->options_.limits;
+        FrameLimits negotiated;
+        negotiated.max_frame = hello.max_frame() ? std::min(hello.max_frame(), lim.max_frame) : lim.max_frame;
+        negotiated.max_frame = std::max<std::uint32_t>(negotiated.max_frame, 64u << 10);
+        std::uint32_t chunk = hello.chunk_size() ? std::min(hello.chunk_size(), lim.max_chunk) : lim.max_chunk;
+        negotiated.max_chunk = std::clamp(chunk, FrameLimits::min_chunk, FrameLimits::max_chunk_ceiling);
+        ferry::v1::HelloReply reply;
+        reply.set_protocol_version(1);
+        reply.set_max_frame(negotiated.max_frame);
+        reply.set_chunk_size(negotiated.max_chunk);
+        reply.set_window(hello.window() ? std::min(hello.window(), server_->options_.window)
+                                        : server_->options_.window);
+        reply.set_server_name(server_->options_.name);
+        reply.set_keepalive_interval_ms(static_cast<std::uint32_t>(server_->options_.keepalive_interval.count()));
+        reply.set_keepalive_count(server_->options_.keepalive_count);
+        reply.set_auth_required(false);
+        client_name_ = hello.client_name();
+        connection_->set_limits(negotiated);
+        hello_done_ = true;
+        Header r = h;
+        r.type = FrameType::reply;
+        r.status = FrameStatus::ok;
+        connection_->send(r, reply.SerializeAsString());
+        spdlog::debug("client {} ({}) said hello as '{}'", peer().address, peer().transport, client_name_);
+        return;
+      }
+      case Control::KeepalivePing::number: {
+        ferry::v1::Ping ping;
+        ferry::v1::Pong pong;
+        if (ping.ParseFromArray(body.data(), static_cast<int>(body.size()))) pong.set_token(ping.token());
+        Header r = h;
+        r.type = FrameType::reply;
+        r.status = FrameStatus::ok;
+        connection_->send(r, pong.SerializeAsString());
+        return;
+      }
+      case Control::AuthList::number: {
+        ferry::v1::AuthListReply reply;  // no authentication configured: empty list
+        Header r = h;
+        r.type = FrameType::reply;
+        connection_->send(r, reply.SerializeAsString());
+        return;
+      }
+      case Control::SaslStart::number:
+      case Control::SaslStep::number:
+        reply_error(h, Error(Code::failed_precondition, "SASL is not enabled on this server"));
+        return;
+      default:
+        reply_error(h, Error(Code::unimplemented, "program 0 has no procedure " + std::to_string(h.procedure)));
+        return;
+    }
+  }
+
+  Impl* server_;
+  std::mutex mutex_;
+  std::unordered_map<Serial, std::shared_ptr<detail::CallState>> calls_;
+  bool closed_ = false;
+  bool hello_done_ = false;  // strand only
+  std::string client_name_;
+};
+
+void Server::Impl::accept_connection(std::unique_ptr<Transport> transport) {
+  ConnectionOptions copts;
+  copts.limits = options_.limits;
+  copts.keepalive_interval = options_.keepalive_interval;
+  copts.keepalive_count = options_.keepalive_count;
+  auto connection = std::make_shared<Connection>(std::move(transport), copts);
+  auto session = std::make_shared<Session>(this, connection);
+  bool refuse = false;
+  std::size_t count = 0;
+  {
+    std::lock_guard lock(mutex_);
+    count = sessions_.size();
+    if (shutting_down_.load() || count >= options_.max_clients) {
+      refuse = true;
+    } else {
+      sessions_.insert(session);
+    }
+  }
+  if (refuse) {
+    clients_refused_.fetch_add(1, std::memory_order_relaxed);
+    // A session that is never listed: it only says why, then closes.
+    connection->start(session);
+    if (shutting_down_.load()) {
+      session->goodbye(Code::unavailable, "server is shutting down");
+    } else {
+      spdlog::warn("refusing client {}: {} clients connected (max_clients {})", connection->peer().address, count,
+                   options_.max_clients);
+      session->goodbye(Code::resource_exhausted,
+                       "too many clients (max_clients " + std::to_string(options_.max_clients) + "); try again later");
+    }
+    return;
+  }
+  spdlog::debug("client {} connected over {}", connection->peer().address, connection->peer().transport);
+  connection->start(session);
+}
+
+void Server::Impl::session_closed(const std::shared_ptr<Session>& session) {
+  std::lock_guard lock(mutex_);
+  sessions_.erase(session);
+  cv_.notify_all();
+}
+
+template <class Acceptor>
+asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string name) {
+  while (!shutting_down_.load()) {
+    auto [ec, socket] = co_await acceptor.async_accept(asio::make_strand(io_), use_tuple);
+    if (ec == asio::error::operation_aborted || shutting_down_.load()) break;
+    if (ec) {
+      // EMFILE and friends: log, breathe, keep serving the clients we have.
+      spdlog::error("accept on {} failed: {}", name, ec.message());
+      asio::steady_timer t(io_, std::chrono::milliseconds(100));
+      co_await t.async_wait(use_tuple);
+      continue;
+    }
+    using Protocol = typename std::decay_t<decltype(socket)>::protocol_type;
+    if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>)
+      accept_connection(std::make_unique<UnixTransport>(UnixTransport::Socket(std::move(socket))));
+    else
+      accept_connection(std::make_unique<TcpTransport>(TcpTransport::Socket(std::move(socket))));
+  }
+}
+
+void Server::Impl::begin_shutdown() {
+  shutting_down_.store(true);
+  asio::post(io_, [this] {
+    std::error_code ec;
+    for (auto& a : unix_acceptors_) a->close(ec);
+    for (auto& a : tcp_acceptors_) a->close(ec);
+  });
+}
+
+Server::Server(ServerOptions options) : impl_(std::make_shared<Impl>(std::move(options))) {}
+
+Server::~Server() { shutdown(std::chrono::milliseconds(0)); }
+
+void Server::add_program(std::shared_ptr<Program> program) { impl_->programs_[program->id()] = std::move(program); }
+
+Endpoint Server::listen(const Endpoint& endpoint) {
+  if (endpoint.kind == Endpoint::Kind::unix_socket) {
+    namespace fs = std::filesystem;
+    std::error_code fec;
+    if (fs::is_socket(endpoint.path, fec)) {
+      // Replace a stale socket, but never steal one a live server answers on.
+      asio::io_context probe_io;
+      asio::local::stream_protocol::socket probe(probe_io);
+      std::error_code cec;
+      probe.connect(asio::local::stream_protocol::endpoint(endpoint.path), cec);
+      if (!cec) throw Error(Code::already_exists, "another server is already listening on " + endpoint.path);
+      fs::remove(endpoint.path, fec);
+    }
+    if (auto parent = fs::path(endpoint.path).parent_path(); !parent.empty()) fs::create_directories(parent, fec);
+    auto acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(impl_->io_);
+    std::error_code ec;
+    acceptor->open(asio::local::stream_protocol(), ec);
+    if (!ec) acceptor->bind(asio::local::stream_protocol::endpoint(endpoint.path), ec);
+    if (!ec && ::chmod(endpoint.path.c_str(), impl_->options_.unix_socket_mode) != 0)
+      ec = std::error_code(errno, std::generic_category());
+    if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
+    if (ec) throw Error(Code::unavailable, "cannot listen on " + endpoint.to_string() + ": " + ec.message());
+    impl_->unix_acceptors_.push_back(std::move(acceptor));
+    impl_->unix_paths_.push_back(endpoint.path);
+    spdlog::info("listening on {}", endpoint.to_string());
+    return endpoint;
+  }
+  asio::ip::tcp::resolver resolver(impl_->io_);
+  std::error_code ec;
+  auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), asio::ip::tcp::resolver::passive, ec);
+  if (ec || results.empty())
+    throw Error(Code::invalid_argument, "cannot resolve listen address " + endpoint.to_string() + ": " + ec.message());
+  auto ep = results.begin()->endpoint();
+  auto acceptor = std::make_unique<asio::ip::tcp::acceptor>(impl_->io_);
+  acceptor->open(ep.protocol(), ec);
+  if (!ec) acceptor->set_option(asio::socket_base::reuse_address(true), ec);
+  if (!ec) acceptor->bind(ep, ec);
+  if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) throw Error(Code::unavailable, "cannot listen on " + endpoint.to_string() + ": " + ec.message());
+  auto bound = acceptor->local_endpoint();
+  Endpoint result = Endpoint::tcp(bound.address().to_string(), bound.port());
+  impl_->tcp_acceptors_.push_back(std::move(acceptor));
+  spdlog::info("listening on {}", result.to_string());
+  return result;
+}
+
+void Server::start() {
+  auto& impl = *impl_;
+  {
+    std::lock_guard lock(impl.mutex_);
+    if (impl.started_) return;
+    impl.started_ = true;
+  }
+  for (auto& a : impl.unix_acceptors_)
+    asio::co_spawn(impl.io_, impl.accept_loop(*a, "unix"), asio::detached);
+  for (auto& a : impl.tcp_acceptors_) asio::co_spawn(impl.io_, impl.accept_loop(*a, "tcp"), asio::detached);
+  for (unsigned i = 0; i < impl.io_threads_; ++i) {
+    impl.threads_.emplace_back([&impl] {
+      auto guard = asio::make_work_guard(impl.io_);
+      for (;;) {
+        try {
+          impl.io_.run();
+          break;
+        } catch (const std::exception& e) {
+          spdlog::critical("uncaught exception on an io thread: {}", e.what());
+        }
+      }
+    });
+  }
+}
+
+void Server::shutdown(std::chrono::milliseconds grace) {
+  auto& impl = *impl_;
+  {
+    std::lock_guard lock(impl.mutex_);
+    if (impl.stopped_) return;
+    impl.stopped_ = true;
+  }
+  impl.begin_shutdown();
+  using clock = std::chrono::steady_clock;
+  auto wait_calls = [&](clock::time_point until) {
+    while (impl.calls_in_flight_.load() > 0 && clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  };
+  if (impl.started_) {
+    wait_calls(clock::now() + grace);
+    std::vector<std::shared_ptr<Impl::Session>> sessions;
+    {
+      std::lock_guard lock(impl.mutex_);
+      sessions.assign(impl.sessions_.begin(), impl.sessions_.end());
+    }
+    if (impl.calls_in_flight_.load() > 0) {
+      spdlog::info("shutdown: cancelling {} calls still in flight", impl.calls_in_flight_.load());
+      for (auto& s : sessions)
+        for (auto& c : s->calls()) detail::request_cancel(c);
+      wait_calls(clock::now() + std::chrono::seconds(1));
+      for (auto& s : sessions)
+        for (auto& c : s->calls())
+          c->finish_error(Error(Code::unavailable, "server shut down before the call completed", "rpc", true));
+    }
+    for (auto& s : sessions) s->goodbye(Code::unavailable, "server is shutting down");
+    {
+      std::unique_lock lock(impl.mutex_);
+      impl.cv_.wait_for(lock, std::chrono::seconds(3), [&] { return impl.sessions_.empty(); });
+    }
+  }
+  impl.io_.stop();
+  for (auto& t : impl.threads_)
+    if (t.joinable()) t.join();
+  impl.threads_.clear();
+  impl.workers_.stop();
+  impl.workers_.join();
+  for (auto& path : impl.unix_paths_) ::unlink(path.c_str());
+  // Sessions still listed hold the server through their handler states;
+  // drop them so the io objects can be destroyed in order.
+  {
+    std::lock_guard lock(impl.mutex_);
+    impl.sessions_.clear();
+    impl.done_ = true;
+    impl.cv_.notify_all();
+  }
+}
+
+void Server::wait() {
+  auto& impl = *impl_;
+  std::unique_lock lock(impl.mutex_);
+  impl.cv_.wait(lock, [&] { return impl.done_; });
+}
+
+ServerStats Server::stats() const {
+  ServerStats s;
+  {
+    std::lock_guard lock(impl_->mutex_);
+    s.clients = impl_->sessions_.size();
+  }
+  s.calls_in_flight = impl_->calls_in_flight_.load();
+  s.calls_total = impl_->calls_total_.load();
+  s.calls_cancelled = impl_->calls_cancelled_.load();
+  s.protocol_errors = impl_->protocol_errors_.load();
+  s.clients_refused = impl_->clients_refused_.load();
+  return s;
+}
+
+asio::io_context& Server::io_context() { return impl_->io_; }
+
+}  // namespace ferry::rpc

@@ -1,0 +1,88 @@
+// Server: listeners, per-client sessions, program registry and dispatch.
+//
+// Threads: a fixed pool of io threads (default one per core) runs every
+// connection's reader and writer and every coroutine handler; a fixed
+// worker pool runs handlers flagged may_block. Nothing else is started, so
+// the thread count does not move with load: ten thousand calls in flight
+// are ten thousand small state objects, not threads (DESIGN.md problem 2).
+//
+// Each CALL is read, checked (Hello done, program, version, procedure,
+// limits) and handed to its handler at once; the reader goes straight on to
+// the next frame, and the reply is queued whenever the handler finishes.
+// Errors the caller made are answered and the connection lives; protocol
+// violations close that connection only, with the reason logged.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "rpc/endpoint.h"
+#include "rpc/frame.h"
+#include "rpc/program.h"
+
+namespace asio {
+class io_context;
+}
+
+namespace ferry::rpc {
+
+struct ServerOptions {
+  unsigned io_threads = 0;      // 0: one per core
+  unsigned worker_threads = 4;  // for may_block handlers
+  std::size_t max_clients = 1024;
+  std::size_t max_calls_per_client = 16384;
+  FrameLimits limits;
+  std::uint32_t window = 4u << 20;
+  std::chrono::milliseconds keepalive_interval{5000};  // 0 disables probing
+  unsigned keepalive_count = 3;
+  std::string name = "ferryd";
+  unsigned unix_socket_mode = 0600;
+};
+
+struct ServerStats {
+  std::size_t clients = 0;
+  std::uint64_t calls_in_flight = 0;
+  std::uint64_t calls_total = 0;
+  std::uint64_t calls_cancelled = 0;
+  std::uint64_t protocol_errors = 0;
+  std::uint64_t clients_refused = 0;
+};
+
+class Server {
+ public:
+  explicit Server(ServerOptions options = {});
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Before start(). A second program with the same id replaces the first.
+  void add_program(std::shared_ptr<Program> program);
+
+  // Binds and listens; returns the bound endpoint (a TCP port of 0 becomes
+  // the real one). A stale UNIX socket file is replaced. Throws ferry::Error.
+  Endpoint listen(const Endpoint& endpoint);
+
+  // Starts the io and worker threads and begins accepting.
+  void start();
+
+  // Graceful shutdown: stop accepting, answer new calls UNAVAILABLE, give
+  // calls in flight `grace` to finish, cancel the rest, answer whatever is
+  // still open UNAVAILABLE, say Goodbye, close, join the threads. Blocks;
+  // safe to call from any thread but an io thread, and to repeat.
+  void shutdown(std::chrono::milliseconds grace = std::chrono::seconds(5));
+
+  // Blocks until shutdown() has completed.
+  void wait();
+
+  ServerStats stats() const;
+  asio::io_context& io_context();
+
+ private:
+  class Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace ferry::rpc

@@ -1,0 +1,113 @@
+#include "rpc/socket_transport.h"
+
+#include <sys/socket.h>
+
+#include <asio/connect.hpp>
+#include <asio/experimental/as_tuple.hpp>
+#include <asio/read.hpp>
+#include <asio/strand.hpp>
+#include <asio/use_awaitable.hpp>
+#include <asio/write.hpp>
+
+#include "rpc/error.h"
+
+namespace ferry::rpc {
+
+namespace {
+constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
+
+void fill_identity(PeerIdentity& peer, asio::local::stream_protocol::socket& s) {
+  peer.transport = "unix";
+  struct ucred cred {};
+  socklen_t len = sizeof cred;
+  if (::getsockopt(s.native_handle(), SOL_SOCKET, SO_PEERCRED, &cred, &len) == 0) {
+    peer.uid = static_cast<int>(cred.uid);
+    peer.gid = static_cast<int>(cred.gid);
+    peer.pid = static_cast<int>(cred.pid);
+    peer.address = "pid " + std::to_string(cred.pid) + " uid " + std::to_string(cred.uid);
+  } else {
+    peer.address = "unix peer";
+  }
+}
+
+void fill_identity(PeerIdentity& peer, asio::ip::tcp::socket& s) {
+  peer.transport = "tcp";
+  std::error_code ec;
+  auto ep = s.remote_endpoint(ec);
+  if (!ec) {
+    peer.address = ep.address().to_string() + ":" + std::to_string(ep.port());
+  } else {
+    peer.address = "tcp peer";
+  }
+  s.set_option(asio::ip::tcp::no_delay(true), ec);
+}
+}  // namespace
+
+template <class Protocol>
+SocketTransport<Protocol>::SocketTransport(Socket socket) : socket_(std::move(socket)) {
+  fill_identity(peer_, socket_);
+}
+
+template <class Protocol>
+SocketTransport<Protocol>::~SocketTransport() {
+  std::error_code ec;
+  socket_.close(ec);
+}
+
+template <class Protocol>
+asio::awaitable<IoResult> SocketTransport<Protocol>::read_some(asio::mutable_buffer buffer) {
+  auto [ec, n] = co_await socket_.async_read_some(buffer, use_tuple);
+  co_return IoResult{ec, n};
+}
+
+template <class Protocol>
+asio::awaitable<IoResult> SocketTransport<Protocol>::read_exact(asio::mutable_buffer buffer) {
+  auto [ec, n] = co_await asio::async_read(socket_, buffer, use_tuple);
+  co_return IoResult{ec, n};
+}
+
+template <class Protocol>
+asio::awaitable<IoResult> SocketTransport<Protocol>::write_all(std::span<const asio::const_buffer> buffers) {
+  auto [ec, n] = co_await asio::async_write(socket_, buffers, use_tuple);
+  co_return IoResult{ec, n};
+}
+
+template <class Protocol>
+asio::awaitable<std::error_code> SocketTransport<Protocol>::wait_readable() {
+  auto [ec] = co_await socket_.async_wait(Socket::wait_read, use_tuple);
+  co_return ec;
+}
+
+template <class Protocol>
+void SocketTransport<Protocol>::close() {
+  std::error_code ec;
+  socket_.shutdown(Socket::shutdown_both, ec);
+  socket_.close(ec);
+}
+
+template class SocketTransport<asio::local::stream_protocol>;
+template class SocketTransport<asio::ip::tcp>;
+
+asio::awaitable<std::unique_ptr<Transport>> connect_transport(asio::any_io_executor executor,
+                                                              const Endpoint& endpoint) {
+  auto strand = asio::make_strand(executor);
+  if (endpoint.kind == Endpoint::Kind::unix_socket) {
+    asio::local::stream_protocol::socket socket(strand);
+    auto [ec] = co_await socket.async_connect(asio::local::stream_protocol::endpoint(endpoint.path), use_tuple);
+    if (ec)
+      throw Error(Code::unavailable, "cannot connect to " + endpoint.to_string() + ": " + ec.message() +
+                                         (ec == asio::error::not_found || ec == asio::error::connection_refused
+                                              ? " (is ferryd running?)"
+                                              : ""));
+    co_return std::make_unique<UnixTransport>(std::move(socket));
+  }
+  asio::ip::tcp::resolver resolver(strand);
+  auto [rec, results] = co_await resolver.async_resolve(endpoint.host, std::to_string(endpoint.port), use_tuple);
+  if (rec) throw Error(Code::unavailable, "cannot resolve " + endpoint.host + ": " + rec.message());
+  asio::ip::tcp::socket socket(strand);
+  auto [ec, ep] = co_await asio::async_connect(socket, results, use_tuple);
+  if (ec) throw Error(Code::unavailable, "cannot connect to " + endpoint.to_string() + ": " + ec.message());
+  co_return std::make_unique<TcpTransport>(std::move(socket));
+}
+
+}  // namespace ferry::rpc

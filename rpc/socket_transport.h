@@ -1,0 +1,37 @@
+// Transports over plain sockets: UNIX (with peer credentials) and TCP.
+#pragma once
+
+#include <asio/ip/tcp.hpp>
+#include <asio/local/stream_protocol.hpp>
+
+#include "rpc/transport.h"
+
+namespace ferry::rpc {
+
+template <class Protocol>
+class SocketTransport final : public Transport {
+ public:
+  using Socket = typename Protocol::socket;
+  explicit SocketTransport(Socket socket);
+  ~SocketTransport() override;
+
+  asio::any_io_executor get_executor() override { return socket_.get_executor(); }
+  asio::awaitable<IoResult> read_some(asio::mutable_buffer buffer) override;
+  asio::awaitable<IoResult> read_exact(asio::mutable_buffer buffer) override;
+  asio::awaitable<IoResult> write_all(std::span<const asio::const_buffer> buffers) override;
+  asio::awaitable<std::error_code> wait_readable() override;
+  void close() override;
+
+  Socket& socket() { return socket_; }
+
+ private:
+  Socket socket_;
+};
+
+using UnixTransport = SocketTransport<asio::local::stream_protocol>;
+using TcpTransport = SocketTransport<asio::ip::tcp>;
+
+extern template class SocketTransport<asio::local::stream_protocol>;
+extern template class SocketTransport<asio::ip::tcp>;
+
+}  // namespace ferry::rpc

@@ -1,0 +1,67 @@
+// Byte transports: a duplex pipe that also says who is at the other end.
+//
+// A Transport is owned by one Connection and used only from that
+// connection's strand: one read and one write may be outstanding at the same
+// time (full duplex), never two of the same kind. Security layers (TLS, SASL)
+// wrap a Transport and return one with a fuller identity.
+#pragma once
+
+#include <asio/any_io_executor.hpp>
+#include <asio/awaitable.hpp>
+#include <asio/buffer.hpp>
+#include <cstddef>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <system_error>
+#include <tuple>
+
+#include "rpc/endpoint.h"
+
+namespace ferry::rpc {
+
+struct PeerIdentity {
+  std::string transport;  // "unix", "tcp"
+  std::string address;    // remote address, for logs
+  // UNIX sockets: SO_PEERCRED of the process that connected.
+  std::optional<int> uid;
+  std::optional<int> gid;
+  std::optional<int> pid;
+};
+
+using IoResult = std::tuple<std::error_code, std::size_t>;
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  Transport() = default;
+  Transport(const Transport&) = delete;
+  Transport& operator=(const Transport&) = delete;
+
+  // The strand every operation of this transport runs on.
+  virtual asio::any_io_executor get_executor() = 0;
+
+  // Reads at least one byte. EOF, reset and cancellation come back as values.
+  virtual asio::awaitable<IoResult> read_some(asio::mutable_buffer buffer) = 0;
+  // Reads exactly buffer.size() bytes unless an error comes first.
+  virtual asio::awaitable<IoResult> read_exact(asio::mutable_buffer buffer) = 0;
+  // Writes every byte of the gathered buffers (one writev where it can).
+  virtual asio::awaitable<IoResult> write_all(std::span<const asio::const_buffer> buffers) = 0;
+  // Waits until a read would not block (used by the half-duplex mode only).
+  virtual asio::awaitable<std::error_code> wait_readable() = 0;
+  // Cancels outstanding operations and closes; safe to repeat.
+  virtual void close() = 0;
+
+  const PeerIdentity& peer() const { return peer_; }
+
+ protected:
+  PeerIdentity peer_;
+};
+
+// Connects to `endpoint` on a new strand of `executor`. Throws ferry::Error
+// (UNAVAILABLE) with the address and the system's reason.
+asio::awaitable<std::unique_ptr<Transport>> connect_transport(asio::any_io_executor executor,
+                                                              const Endpoint& endpoint);
+
+}  // namespace ferry::rpc
