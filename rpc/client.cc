@@ -64,12 +64,24 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
     pending.procedure = procedure;
     Serial serial;
     std::optional<Error> refused;
+    const std::uint32_t max_frame = server_.limits.max_frame ? server_.limits.max_frame : options_.connection.limits.max_frame;
+    if (options.cancel && options.cancel->cancelled()) {
+      refused = Error(Code::cancelled, "call cancelled before it was sent");
+    } else if (body.size() > max_frame) {
+      // The server would close the connection on such a frame; refuse it
+      // here so only this call fails.
+      refused = Error(Code::invalid_argument, "request of " + std::to_string(body.size()) +
+                                                  " bytes exceeds the connection's maximum frame size of " +
+                                                  std::to_string(max_frame) + " bytes");
+    }
     {
       std::lock_guard lock(mutex_);
       do {
         serial = next_serial_++;
       } while (serial == 0 || pending_.count(serial));
-      if (closed_reason_) {
+      if (refused) {
+        // fall through to the refusal below
+      } else if (closed_reason_) {
         refused = *closed_reason_;
       } else {
         if (options.timeout) pending.timer = std::make_unique<asio::steady_timer>(executor_, *options.timeout);
@@ -81,10 +93,16 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
       pending.done->complete(RawResult{std::move(*refused), {}});
       return serial;
     }
+    // Queue the CALL before arming the timer and the cancel watch: a cancel
+    // that fires from here on either finds the CALL still queued (and
+    // removes it) or sends CANCEL behind it, never ahead of it.
+    Header h{program, version, procedure, FrameType::call, serial, FrameStatus::ok};
+    if (!connection_->send(h, std::move(body))) {
+      fail(serial, closed_error());
+      return serial;
+    }
     std::weak_ptr<ClientCore> weak = shared_from_this();
     {
-      // Arm the timer and the cancel watch under the lock so a completion on
-      // another thread cannot race with storing them.
       std::lock_guard lock(mutex_);
       auto it = pending_.find(serial);
       if (it != pending_.end() && it->second.timer) {
@@ -108,8 +126,6 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
         source->forget(id);
       }
     }
-    Header h{program, version, procedure, FrameType::call, serial, FrameStatus::ok};
-    if (!connection_->send(h, std::move(body))) fail(serial, closed_error());
     return serial;
   }
 

@@ -127,6 +127,7 @@ void Connection::close_on_strand(Error reason) {
   close_handled_ = true;
   {
     std::lock_guard lock(mutex_);
+    if (draining_ && !flush_close_reason_.empty()) reason = Error(flush_close_code_, flush_close_reason_);
     closed_.store(true, std::memory_order_release);
     control_.clear();
     bulk_.clear();
@@ -218,9 +219,15 @@ asio::awaitable<bool> Connection::read_frame(Header& header, Buffer& body) {
     while (got < size) {
       auto [ec, n] = co_await transport_->read_some(asio::buffer(body.data() + got, size - got));
       if (ec) {
-        close_on_strand(ec == asio::error::eof ? Error(Code::unavailable, "connection closed by peer in the middle of a " +
-                                                                               std::string(to_string(header.type)) + " frame")
-                                               : io_error(ec, peer()));
+        if (ec == asio::error::eof) {
+          const std::string why = "connection closed by peer " + peer().address + " in the middle of a " +
+                                  to_string(header.type) + " frame (" + std::to_string(got) + " of " +
+                                  std::to_string(size) + " body bytes)";
+          spdlog::warn("{}", why);
+          close_on_strand(Error(Code::unavailable, why));
+        } else {
+          close_on_strand(io_error(ec, peer()));
+        }
         co_return false;
       }
       got += n;
@@ -234,6 +241,7 @@ asio::awaitable<bool> Connection::read_frame(Header& header, Buffer& body) {
 }
 
 void Connection::dispatch(const Header& header, Buffer body) {
+  if (draining_) return;
   if (header.program == Control::program && header.type == FrameType::message) {
     if (header.procedure == Control::KeepalivePing::number) {
       ferry::v1::Ping ping;
@@ -313,8 +321,13 @@ asio::awaitable<void> Connection::run_writer() {
     {
       std::unique_lock lock(mutex_);
       if (flush_then_close_) {
+        // Everything is written: half-close so the peer reads our last
+        // frames and then EOF, and keep reading (and dropping) until it
+        // hangs up or the deadline passes. Closing outright could reset the
+        // connection before the peer has read what we said.
         lock.unlock();
-        close_on_strand(Error(flush_close_code_, flush_close_reason_));
+        draining_ = true;
+        transport_->shutdown_send();
         co_return;
       }
     }

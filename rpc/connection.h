@@ -172,6 +172,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   std::atomic<bool> closed_{false};
   bool close_handled_ = false;  // strand only
+  bool draining_ = false;       // strand only: flushed and half-closed
   std::atomic<std::uint64_t> bytes_in_{0}, bytes_out_{0}, frames_in_{0}, frames_out_{0}, writes_{0};
 };
 

@@ -111,6 +111,7 @@ class Server::Impl::Session final : public FrameHandler,
   Session(Impl* server, std::shared_ptr<Connection> connection) : connection_(std::move(connection)), server_(server) {}
 
   void on_frame(const Header& header, Buffer body) override {
+    if (refused_) return;  // turned away: only the Goodbye is said
     switch (header.type) {
       case FrameType::call:
         on_call(header, std::move(body));
@@ -175,6 +176,11 @@ class Server::Impl::Session final : public FrameHandler,
     std::vector<std::shared_ptr<detail::CallState>> out;
     for (auto& [serial, state] : calls_) out.push_back(state);
     return out;
+  }
+
+  void refuse(Code code, const std::string& reason) {
+    refused_ = true;
+    goodbye(code, reason);
   }
 
   void goodbye(Code code, const std::string& reason) {
@@ -353,6 +359,7 @@ class Server::Impl::Session final : public FrameHandler,
   std::unordered_map<Serial, std::shared_ptr<detail::CallState>> calls_;
   bool closed_ = false;
   bool hello_done_ = false;  // strand only
+  std::atomic<bool> refused_{false};
   std::string client_name_;
 };
 
@@ -376,16 +383,17 @@ void Server::Impl::accept_connection(std::unique_ptr<Transport> transport) {
   }
   if (refuse) {
     clients_refused_.fetch_add(1, std::memory_order_relaxed);
-    // A session that is never listed: it only says why, then closes.
-    connection->start(session);
+    // A session that is never listed: it only says why, then closes. It is
+    // marked refused before it starts reading, so it answers nothing else.
     if (shutting_down_.load()) {
-      session->goodbye(Code::unavailable, "server is shutting down");
+      session->refuse(Code::unavailable, "server is shutting down");
     } else {
       spdlog::warn("refusing client {}: {} clients connected (max_clients {})", connection->peer().address, count,
                    options_.max_clients);
-      session->goodbye(Code::resource_exhausted,
-                       "too many clients (max_clients " + std::to_string(options_.max_clients) + "); try again later");
+      session->refuse(Code::resource_exhausted,
+                      "too many clients (max_clients " + std::to_string(options_.max_clients) + "); try again later");
     }
+    connection->start(session);
     return;
   }
   spdlog::debug("client {} connected over {}", connection->peer().address, connection->peer().transport);

@@ -79,6 +79,12 @@ asio::awaitable<std::error_code> SocketTransport<Protocol>::wait_readable() {
 }
 
 template <class Protocol>
+void SocketTransport<Protocol>::shutdown_send() {
+  std::error_code ec;
+  socket_.shutdown(Socket::shutdown_send, ec);
+}
+
+template <class Protocol>
 void SocketTransport<Protocol>::close() {
   std::error_code ec;
   socket_.shutdown(Socket::shutdown_both, ec);

@@ -50,6 +50,8 @@ class Transport {
   virtual asio::awaitable<IoResult> write_all(std::span<const asio::const_buffer> buffers) = 0;
   // Waits until a read would not block (used by the half-duplex mode only).
   virtual asio::awaitable<std::error_code> wait_readable() = 0;
+  // Ends our sending direction (the peer reads EOF) while still reading.
+  virtual void shutdown_send() = 0;
   // Cancels outstanding operations and closes; safe to repeat.
   virtual void close() = 0;
 

@@ -1,0 +1,169 @@
+#include "tests/integration/ferryd_process.h"
+
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+extern char** environ;
+
+namespace ferry::testing {
+
+namespace fs = std::filesystem;
+
+const char* to_string(TransportKind kind) { return kind == TransportKind::unix_socket ? "unix" : "tcp"; }
+
+TempDir::TempDir() {
+  std::string tmpl = (fs::temp_directory_path() / "ferry-test-XXXXXX").string();
+  if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+  path_ = tmpl;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  fs::remove_all(path_, ec);
+}
+
+std::string ferryd_path() { return FERRY_TEST_FERRYD; }
+std::string ferry_cli_path() { return FERRY_TEST_FERRY_CLI; }
+
+namespace {
+
+std::string read_file(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+pid_t spawn(const std::vector<std::string>& argv, const std::string& out_path, bool merge_stdout) {
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 2, out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  if (merge_stdout) posix_spawn_file_actions_adddup2(&actions, 2, 1);
+  posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  pid_t pid = -1;
+  int rc = posix_spawn(&pid, args[0], &actions, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(rc));
+  return pid;
+}
+
+unsigned long status_field(pid_t pid, const std::string& key) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind(key, 0) == 0) return std::stoul(line.substr(key.size()));
+  return 0;
+}
+
+}  // namespace
+
+FerrydProcess::FerrydProcess(std::vector<std::string> extra_args) {
+  socket_path_ = dir() + "/ferryd.sock";
+  log_path_ = dir() + "/ferryd.log";
+  const std::string ready = dir() + "/ready";
+  std::vector<std::string> argv = {ferryd_path(),  "--test-service", "--listen", "unix:" + socket_path_,
+                                   "--listen",     "tcp:127.0.0.1:0", "--ready-file", ready};
+  argv.insert(argv.end(), extra_args.begin(), extra_args.end());
+  pid_ = spawn(argv, log_path_, false);
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!fs::exists(ready)) {
+    int status = 0;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      throw std::runtime_error("ferryd exited during start-up:\n" + log());
+    }
+    if (std::chrono::steady_clock::now() > deadline) throw std::runtime_error("ferryd not ready in 10 s:\n" + log());
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  std::istringstream lines(read_file(ready));
+  std::string line;
+  while (std::getline(lines, line))
+    if (line.rfind("tcp:", 0) == 0) tcp_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
+}
+
+FerrydProcess::~FerrydProcess() {
+  if (pid_ > 0) {
+    ::kill(pid_, SIGCONT);
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+  }
+}
+
+std::string FerrydProcess::uri(TransportKind kind) const {
+  if (kind == TransportKind::unix_socket) return "ferry+unix://" + socket_path_;
+  return "ferry+tcp://127.0.0.1:" + std::to_string(tcp_port_);
+}
+
+int FerrydProcess::terminate(std::chrono::milliseconds timeout) {
+  if (pid_ <= 0) return -1;
+  ::kill(pid_, SIGTERM);
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    int status = 0;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      ::kill(pid_, SIGKILL);
+      ::waitpid(pid_, &status, 0);
+      pid_ = -1;
+      return -1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+}
+
+bool FerrydProcess::running() {
+  if (pid_ <= 0) return false;
+  int status = 0;
+  if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+    pid_ = -1;
+    return false;
+  }
+  return true;
+}
+
+void FerrydProcess::pause_process() { ::kill(pid_, SIGSTOP); }
+void FerrydProcess::resume_process() { ::kill(pid_, SIGCONT); }
+
+std::string FerrydProcess::log() const { return read_file(log_path_); }
+
+bool FerrydProcess::wait_for_log(const std::string& text, std::chrono::milliseconds timeout) const {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (log().find(text) != std::string::npos) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return log().find(text) != std::string::npos;
+}
+
+unsigned FerrydProcess::threads() const { return static_cast<unsigned>(status_field(pid_, "Threads:")); }
+std::uint64_t FerrydProcess::rss_bytes() const { return status_field(pid_, "VmRSS:") * 1024; }
+
+int run_command(const std::vector<std::string>& argv, std::string* output) {
+  TempDir dir;
+  const std::string out = dir.path() + "/out";
+  pid_t pid = spawn(argv, out, true);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (output) *output = read_file(out);
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+}  // namespace ferry::testing

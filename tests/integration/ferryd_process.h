@@ -1,0 +1,78 @@
+// A real ferryd process for integration tests: started on a scratch UNIX
+// socket and a loopback TCP port, its log captured, stopped with SIGTERM
+// (or killed) when the test is done.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ferry::testing {
+
+enum class TransportKind { unix_socket, tcp };
+const char* to_string(TransportKind kind);
+
+// A scratch directory removed (recursively) on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+class FerrydProcess {
+ public:
+  // Starts ferryd with --test-service plus `extra_args`, listening on
+  // unix:<dir>/ferryd.sock and tcp:127.0.0.1:0. Throws if it is not ready
+  // within 10 s (with its log in the message).
+  explicit FerrydProcess(std::vector<std::string> extra_args = {});
+  ~FerrydProcess();
+  FerrydProcess(const FerrydProcess&) = delete;
+  FerrydProcess& operator=(const FerrydProcess&) = delete;
+
+  std::string uri(TransportKind kind) const;
+  std::string unix_uri() const { return uri(TransportKind::unix_socket); }
+  std::string tcp_uri() const { return uri(TransportKind::tcp); }
+  const std::string& socket_path() const { return socket_path_; }
+  std::uint16_t tcp_port() const { return tcp_port_; }
+  pid_t pid() const { return pid_; }
+  const std::string& dir() const { return dir_.path(); }
+
+  // SIGTERM, then waits; returns the exit status (-1 on timeout, after
+  // which the process is killed).
+  int terminate(std::chrono::milliseconds timeout = std::chrono::seconds(15));
+  // True while the process exists (not reaped).
+  bool running();
+  void pause_process();   // SIGSTOP: a peer that stops answering
+  void resume_process();  // SIGCONT
+
+  std::string log() const;
+  // Waits until the log contains `text`; false on timeout.
+  bool wait_for_log(const std::string& text, std::chrono::milliseconds timeout = std::chrono::seconds(5)) const;
+  unsigned threads() const;
+  std::uint64_t rss_bytes() const;
+
+ private:
+  TempDir dir_;
+  std::string socket_path_;
+  std::string log_path_;
+  std::uint16_t tcp_port_ = 0;
+  pid_t pid_ = -1;
+};
+
+// Path of a built program (set by CMake).
+std::string ferryd_path();
+std::string ferry_cli_path();
+
+// Runs a command, capturing stdout+stderr; returns the exit status.
+int run_command(const std::vector<std::string>& argv, std::string* output);
+
+}  // namespace ferry::testing
