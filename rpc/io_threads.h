@@ -13,7 +13,10 @@ namespace ferry::rpc {
 
 class IoThreads {
  public:
-  explicit IoThreads(unsigned threads = 1) : work_(asio::make_work_guard(context_)) {
+  // The thread count is also the io_context's concurrency hint: with one
+  // thread, Asio skips cross-thread wake-ups between handlers.
+  explicit IoThreads(unsigned threads = 1)
+      : context_(static_cast<int>(threads ? threads : 1)), work_(asio::make_work_guard(context_)) {
     if (threads == 0) threads = 1;
     for (unsigned i = 0; i < threads; ++i) threads_.emplace_back([this] { context_.run(); });
   }
@@ -24,7 +27,8 @@ class IoThreads {
   asio::io_context& context() { return context_; }
   asio::io_context::executor_type executor() { return context_.get_executor(); }
 
-  // Lets queued work finish, then joins. Safe to repeat.
+  // Stops the io_context (pending handlers are not run) and joins the
+  // threads. Safe to repeat.
   void stop() {
     work_.reset();
     context_.stop();

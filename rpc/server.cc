@@ -62,13 +62,25 @@ class Server::Impl {
   explicit Impl(ServerOptions options)
       : options_(std::move(options)),
         io_threads_(options_.io_threads ? options_.io_threads : std::max(1u, std::thread::hardware_concurrency())),
-        workers_(std::max(1u, options_.worker_threads)) {}
+        workers_(std::max(1u, options_.worker_threads)) {
+    // One single-threaded io_context per io thread: a connection and the
+    // handlers it starts stay on one thread, so the hops between reader,
+    // handler and writer are queue pushes, not cross-thread wake-ups.
+    // Context 0 also runs the acceptors.
+    for (unsigned i = 0; i < io_threads_; ++i) contexts_.push_back(std::make_unique<asio::io_context>(1));
+  }
+
+  asio::io_context& io() { return *contexts_[0]; }
+  asio::io_context& next_context() {
+    return *contexts_[next_context_.fetch_add(1, std::memory_order_relaxed) % contexts_.size()];
+  }
 
   class Session;
 
   ServerOptions options_;
   unsigned io_threads_;
-  asio::io_context io_;
+  std::vector<std::unique_ptr<asio::io_context>> contexts_;
+  std::atomic<std::size_t> next_context_{0};
   asio::thread_pool workers_;
   std::vector<std::thread> threads_;
   std::map<std::uint32_t, std::shared_ptr<Program>> programs_;
@@ -262,8 +274,10 @@ class Server::Impl::Session final : public FrameHandler,
     }
     server_->calls_in_flight_.fetch_add(1, std::memory_order_relaxed);
     server_->calls_total_.fetch_add(1, std::memory_order_relaxed);
+    // Handlers run on the connection's own io thread (or, if they may
+    // block, on a strand of the worker pool), never on a thread of their own.
     asio::any_io_executor ex = entry->may_block ? asio::any_io_executor(asio::make_strand(server_->workers_))
-                                                : asio::any_io_executor(asio::make_strand(server_->io_));
+                                                : connection_->get_executor();
     if (!entry->invoke(state, std::move(body), ex)) {
       // DESIGN.md: a body that does not parse is a protocol error. Say so to
       // the caller first, so it sees why rather than a bare reset.
@@ -409,12 +423,12 @@ void Server::Impl::session_closed(const std::shared_ptr<Session>& session) {
 template <class Acceptor>
 asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string name) {
   while (!shutting_down_.load()) {
-    auto [ec, socket] = co_await acceptor.async_accept(asio::make_strand(io_), use_tuple);
+    auto [ec, socket] = co_await acceptor.async_accept(next_context(), use_tuple);
     if (ec == asio::error::operation_aborted || shutting_down_.load()) break;
     if (ec) {
       // EMFILE and friends: log, breathe, keep serving the clients we have.
       spdlog::error("accept on {} failed: {}", name, ec.message());
-      asio::steady_timer t(io_, std::chrono::milliseconds(100));
+      asio::steady_timer t(io(), std::chrono::milliseconds(100));
       co_await t.async_wait(use_tuple);
       continue;
     }
@@ -428,7 +442,7 @@ asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string 
 
 void Server::Impl::begin_shutdown() {
   shutting_down_.store(true);
-  asio::post(io_, [this] {
+  asio::post(io(), [this] {
     std::error_code ec;
     for (auto& a : unix_acceptors_) a->close(ec);
     for (auto& a : tcp_acceptors_) a->close(ec);
@@ -455,7 +469,7 @@ Endpoint Server::listen(const Endpoint& endpoint) {
       fs::remove(endpoint.path, fec);
     }
     if (auto parent = fs::path(endpoint.path).parent_path(); !parent.empty()) fs::create_directories(parent, fec);
-    auto acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(impl_->io_);
+    auto acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(impl_->io());
     std::error_code ec;
     acceptor->open(asio::local::stream_protocol(), ec);
     if (!ec) acceptor->bind(asio::local::stream_protocol::endpoint(endpoint.path), ec);
@@ -468,13 +482,13 @@ Endpoint Server::listen(const Endpoint& endpoint) {
     spdlog::info("listening on {}", endpoint.to_string());
     return endpoint;
   }
-  asio::ip::tcp::resolver resolver(impl_->io_);
+  asio::ip::tcp::resolver resolver(impl_->io());
   std::error_code ec;
   auto results = resolver.resolve(endpoint.host, std::to_string(endpoint.port), asio::ip::tcp::resolver::passive, ec);
   if (ec || results.empty())
     throw Error(Code::invalid_argument, "cannot resolve listen address " + endpoint.to_string() + ": " + ec.message());
   auto ep = results.begin()->endpoint();
-  auto acceptor = std::make_unique<asio::ip::tcp::acceptor>(impl_->io_);
+  auto acceptor = std::make_unique<asio::ip::tcp::acceptor>(impl_->io());
   acceptor->open(ep.protocol(), ec);
   if (!ec) acceptor->set_option(asio::socket_base::reuse_address(true), ec);
   if (!ec) acceptor->bind(ep, ec);
@@ -495,14 +509,15 @@ void Server::start() {
     impl.started_ = true;
   }
   for (auto& a : impl.unix_acceptors_)
-    asio::co_spawn(impl.io_, impl.accept_loop(*a, "unix"), asio::detached);
-  for (auto& a : impl.tcp_acceptors_) asio::co_spawn(impl.io_, impl.accept_loop(*a, "tcp"), asio::detached);
+    asio::co_spawn(impl.io(), impl.accept_loop(*a, "unix"), asio::detached);
+  for (auto& a : impl.tcp_acceptors_) asio::co_spawn(impl.io(), impl.accept_loop(*a, "tcp"), asio::detached);
   for (unsigned i = 0; i < impl.io_threads_; ++i) {
-    impl.threads_.emplace_back([&impl] {
-      auto guard = asio::make_work_guard(impl.io_);
+    impl.threads_.emplace_back([&impl, i] {
+      asio::io_context& context = *impl.contexts_[i];
+      auto guard = asio::make_work_guard(context);
       for (;;) {
         try {
-          impl.io_.run();
+          context.run();
           break;
         } catch (const std::exception& e) {
           spdlog::critical("uncaught exception on an io thread: {}", e.what());
@@ -547,7 +562,7 @@ void Server::shutdown(std::chrono::milliseconds grace) {
       impl.cv_.wait_for(lock, std::chrono::seconds(3), [&] { return impl.sessions_.empty(); });
     }
   }
-  impl.io_.stop();
+  for (auto& c : impl.contexts_) c->stop();
   for (auto& t : impl.threads_)
     if (t.joinable()) t.join();
   impl.threads_.clear();
@@ -584,6 +599,6 @@ ServerStats Server::stats() const {
   return s;
 }
 
-asio::io_context& Server::io_context() { return impl_->io_; }
+asio::io_context& Server::io_context() { return impl_->io(); }
 
 }  // namespace ferry::rpc

@@ -172,9 +172,13 @@ TEST_F(DispatchTest, CoroutineHandlerSeesCancellationAsAnAbortedWait) {
   start(program);
   auto err = error_of([&] { client_.call_future<TestSvc::Sleep>(SleepCall{}, with_timeout(50ms)).get(); });
   EXPECT_EQ(err.code(), Code::deadline_exceeded);
-  for (int i = 0; i < 200 && !unwound; ++i) std::this_thread::sleep_for(5ms);
+  // The frame unwinds first; the CANCELLED answer (which ends the call's
+  // accounting) leaves only after that.
+  for (int i = 0; i < 200 && !(unwound && server_->stats().calls_in_flight == 0); ++i)
+    std::this_thread::sleep_for(5ms);
   EXPECT_TRUE(unwound.load()) << "the handler's frame must be destroyed after the CANCEL";
   EXPECT_EQ(server_->stats().calls_in_flight, 0u);
+  EXPECT_EQ(server_->stats().calls_cancelled, 1u);
 }
 
 }  // namespace

@@ -1,0 +1,173 @@
+// The ferry side of the rpc.* rows: a real ferryd process (with the test
+// program) and the libferry client, measured exactly as an embedding
+// program would use them.
+#include "bench/ferry_cases.h"
+
+#include <asio/co_spawn.hpp>
+#include <asio/detached.hpp>
+#include <asio/use_future.hpp>
+#include <atomic>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <thread>
+
+#include "bench/harness.h"
+#include "ferry/v1/test.ferry.h"
+#include "rpc/client.h"
+#include "rpc/io_threads.h"
+
+namespace ferry::bench {
+
+namespace {
+
+using TestSvc = ferry::test::v1::Test;
+using ferry::rpc::Client;
+
+// A ferryd child process serving the test program at `address`.
+struct Ferryd {
+  Ferryd(const CaseOptions& options, const std::string& address, ScratchDir& dir) {
+    if (options.ferryd.empty() || !std::filesystem::exists(options.ferryd))
+      throw std::runtime_error("ferryd not found at '" + options.ferryd + "' (pass --ferryd)");
+    ready_file = (dir.path() / "ready").string();
+    child = spawn_server({options.ferryd, "--test-service", "--listen", address, "--ready-file", ready_file,
+                          "--log-level", "warn", "--max-calls-per-client", "100000"},
+                         options.server_netns, std::chrono::seconds(20), false);
+    auto deadline = Clock::now() + std::chrono::seconds(20);
+    while (!std::filesystem::exists(ready_file)) {
+      if (Clock::now() > deadline) throw std::runtime_error("ferryd did not become ready");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    std::ifstream in(ready_file);
+    std::getline(in, bound);
+  }
+  std::string uri() const {
+    if (bound.rfind("unix:", 0) == 0) return "ferry+unix://" + bound.substr(5);
+    return "ferry+tcp://" + bound.substr(4);
+  }
+  std::string ready_file;
+  std::string bound;
+  ChildProcess child;
+};
+
+std::string listen_address(const CaseOptions& options, ScratchDir& dir, bool tcp) {
+  if (!options.addr.empty()) return options.addr;
+  return tcp ? "tcp:127.0.0.1:0" : dir.unix_address("ferryd.sock");
+}
+
+// Runs `concurrency` coroutines that each issue `call()` back to back until
+// the window closes; returns completed calls per second after a warm-up.
+template <class MakeCall>
+double run_closed_loop(Client& client, rpc::IoThreads& io, int concurrency, bool quick, MakeCall make_call,
+                       std::uint64_t* bytes_out = nullptr, std::uint64_t bytes_per_call = 0) {
+  std::atomic<bool> measuring{false}, stop{false};
+  std::atomic<std::uint64_t> done{0};
+  std::vector<std::future<void>> loops;
+  for (int i = 0; i < concurrency; ++i) {
+    loops.push_back(asio::co_spawn(
+        io.executor(),
+        [&]() -> asio::awaitable<void> {
+          while (!stop.load(std::memory_order_relaxed)) {
+            co_await make_call(client);
+            if (measuring.load(std::memory_order_relaxed)) done.fetch_add(1, std::memory_order_relaxed);
+          }
+        },
+        asio::use_future));
+  }
+  std::this_thread::sleep_for(warmup_window());
+  measuring = true;
+  auto start = Clock::now();
+  std::this_thread::sleep_for(measure_window(quick));
+  const std::uint64_t count = done.load();
+  const double secs = seconds_since(start);
+  measuring = false;
+  stop = true;
+  for (auto& f : loops) f.get();
+  if (bytes_out) *bytes_out = count * bytes_per_call;
+  return count / secs;
+}
+
+}  // namespace
+
+Measurement ferry_echo_seq(const CaseOptions& options) {
+  ScratchDir dir;
+  Ferryd server(options, listen_address(options, dir, false), dir);
+  rpc::IoThreads io(1);
+  Client client = Client::connect_sync(io.executor(), server.uri());
+  ferry::test::v1::EchoCall call;
+  call.set_payload(std::string(echo_payload_bytes, 'e'));
+  double rate = run_closed_loop(client, io, 1, options.quick, [&](Client& c) -> asio::awaitable<void> {
+    co_await c.call<TestSvc::Echo>(call);
+  });
+  return {rate, "calls/s", "64-byte echo, one call at a time, coroutine client"};
+}
+
+Measurement ferry_echo_inflight(const CaseOptions& options, int inflight) {
+  ScratchDir dir;
+  Ferryd server(options, listen_address(options, dir, false), dir);
+  rpc::IoThreads io(1);
+  Client client = Client::connect_sync(io.executor(), server.uri());
+  ferry::test::v1::EchoCall call;
+  call.set_payload(std::string(echo_payload_bytes, 'e'));
+  double rate = run_closed_loop(client, io, inflight, options.quick, [&](Client& c) -> asio::awaitable<void> {
+    co_await c.call<TestSvc::Echo>(call);
+  });
+  return {rate, "calls/s", std::to_string(inflight) + " calls in flight on one connection, one client io thread"};
+}
+
+Measurement ferry_body(const CaseOptions& options, bool tcp) {
+  ScratchDir dir;
+  Ferryd server(options, listen_address(options, dir, tcp), dir);
+  rpc::IoThreads io(1);
+  Client client = Client::connect_sync(io.executor(), server.uri());
+  ferry::test::v1::EchoCall call;
+  call.set_payload(std::string(body_chunk_bytes, 'b'));
+  call.set_discard(true);
+  const std::uint64_t total = body_total_bytes(options.quick);
+  const std::uint64_t calls = total / body_chunk_bytes;
+  // A window of calls in flight keeps the socket busy while replies return.
+  constexpr int window = 16;
+  std::atomic<std::uint64_t> issued{0};
+  std::atomic<std::uint64_t> received{0};
+  auto start = Clock::now();
+  std::vector<std::future<void>> loops;
+  for (int i = 0; i < window; ++i) {
+    loops.push_back(asio::co_spawn(
+        io.executor(),
+        [&]() -> asio::awaitable<void> {
+          while (issued.fetch_add(1) < calls) {
+            auto reply = co_await client.call<TestSvc::Echo>(call);
+            received.fetch_add(reply.received());
+          }
+        },
+        asio::use_future));
+  }
+  for (auto& f : loops) f.get();
+  const double secs = seconds_since(start);
+  if (received.load() != calls * body_chunk_bytes) throw std::runtime_error("server did not see every byte");
+  return {static_cast<double>(total) / secs / 1e6, "MB/s",
+          "256 KiB CALL bodies (protobuf bytes field), 16 in flight, server acknowledges each"};
+}
+
+Measurement ferry_duplex(const CaseOptions& options, bool half_duplex) {
+  ScratchDir dir;
+  Ferryd server(options, listen_address(options, dir, true), dir);
+  rpc::IoThreads io(1);
+  rpc::ClientOptions copts;
+  copts.connection.half_duplex = half_duplex;
+  Client client = Client::connect_sync(io.executor(), server.uri(), copts);
+  // Mixed traffic: every call carries 256 KiB up and its reply 256 KiB down.
+  ferry::test::v1::EchoCall call;
+  call.set_payload(std::string(body_chunk_bytes, 'd'));
+  std::uint64_t bytes = 0;
+  double rate = run_closed_loop(
+      client, io, 8, options.quick,
+      [&](Client& c) -> asio::awaitable<void> { co_await c.call<TestSvc::Echo>(call); }, &bytes,
+      2 * body_chunk_bytes);
+  const double secs = rate > 0 ? static_cast<double>(bytes) / (2.0 * body_chunk_bytes) / rate : 1.0;
+  return {static_cast<double>(bytes) / secs / 1e6, "MB/s",
+          std::string(half_duplex ? "half duplex" : "full duplex") +
+              ": 256 KiB echo calls, 8 in flight, bytes up + down"};
+}
+
+}  // namespace ferry::bench
