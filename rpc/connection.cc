@@ -271,10 +271,8 @@ asio::awaitable<void> Connection::run_reader() {
 
 bool Connection::take_batch(std::vector<OutFrame>& batch) {
   std::lock_guard lock(mutex_);
-  std::size_t bytes = 0;
   // Control frames are small and never wait behind bulk ones.
   while (!control_.empty() && batch.size() < 512) {
-    bytes += control_.front().wire_size();
     batch.push_back(std::move(control_.front()));
     control_.pop_front();
   }

@@ -1,6 +1,7 @@
 #include "rpc/endpoint.h"
 
 #include <charconv>
+#include <filesystem>
 
 #include "rpc/error.h"
 
@@ -82,7 +83,12 @@ std::string Endpoint::to_string() const {
 }
 
 std::string Endpoint::to_uri() const {
-  if (kind == Kind::unix_socket) return "ferry+unix://" + path;
+  if (kind == Kind::unix_socket) {
+    // The URI form only carries absolute paths.
+    std::error_code ec;
+    auto abs = std::filesystem::absolute(path, ec);
+    return "ferry+unix://" + (ec ? path : abs.lexically_normal().string());
+  }
   if (host.find(':') != std::string::npos) return "ferry+tcp://[" + host + "]:" + std::to_string(port);
   return "ferry+tcp://" + host + ":" + std::to_string(port);
 }

@@ -120,7 +120,9 @@ class Server::Impl::Session final : public FrameHandler,
  public:
   // The server outlives its sessions: shutdown joins the io threads before
   // the Impl goes away, so a plain pointer suffices and makes no cycle.
-  Session(Impl* server, std::shared_ptr<Connection> connection) : connection_(std::move(connection)), server_(server) {}
+  Session(Impl* server, std::shared_ptr<Connection> connection) : connection_(std::move(connection)), server_(server) {
+    max_frame_.store(server->options_.limits.max_frame, std::memory_order_relaxed);
+  }
 
   void on_frame(const Header& header, Buffer body) override {
     if (refused_) return;  // turned away: only the Goodbye is said
@@ -171,11 +173,29 @@ class Server::Impl::Session final : public FrameHandler,
     Header h = call;
     h.type = FrameType::reply;
     h.status = status;
+    const std::uint32_t max_frame = max_frame_.load(std::memory_order_relaxed);
+    if (body.size() > max_frame) {
+      // The client would treat such a frame as a protocol error and drop
+      // the connection with every call on it; fail this call alone.
+      spdlog::warn("reply to serial {} from {} is {} bytes, over the negotiated maximum of {}; answering with an error",
+                   call.serial, peer().address, body.size(), max_frame);
+      h.status = FrameStatus::error;
+      body = Error(Code::resource_exhausted, "reply of " + std::to_string(body.size()) +
+                                                 " bytes exceeds the connection's maximum frame size of " +
+                                                 std::to_string(max_frame) + " bytes")
+                 .to_proto()
+                 .SerializeAsString();
+    }
     connection_->send(h, std::move(body));
   }
 
   bool push_message(std::uint32_t program, std::uint32_t version, std::uint32_t procedure,
                     std::string body) override {
+    if (body.size() > max_frame_.load(std::memory_order_relaxed)) {
+      spdlog::error("dropping MESSAGE {}/{} of {} bytes for {}: over the negotiated maximum frame size", program,
+                    procedure, body.size(), peer().address);
+      return false;
+    }
     Header h{program, version, procedure, FrameType::message, 0, FrameStatus::ok};
     return connection_->send(h, std::move(body));
   }
@@ -304,6 +324,10 @@ class Server::Impl::Session final : public FrameHandler,
   void on_control(const Header& h, const Buffer& body) {
     switch (h.procedure) {
       case Control::Hello::number: {
+        if (hello_done_) {
+          reply_error(h, Error(Code::failed_precondition, "Hello was already done on this connection"));
+          return;
+        }
         ferry::v1::HelloCall hello;
         if (!hello.ParseFromArray(body.data(), static_cast<int>(body.size()))) {
           reply_error(h, Error(Code::invalid_argument, "malformed Hello body"));
@@ -333,6 +357,7 @@ class Server::Impl::Session final : public FrameHandler,
         reply.set_auth_required(false);
         client_name_ = hello.client_name();
         connection_->set_limits(negotiated);
+        max_frame_.store(negotiated.max_frame, std::memory_order_relaxed);
         hello_done_ = true;
         Header r = h;
         r.type = FrameType::reply;
@@ -374,6 +399,7 @@ class Server::Impl::Session final : public FrameHandler,
   bool closed_ = false;
   bool hello_done_ = false;  // strand only
   std::atomic<bool> refused_{false};
+  std::atomic<std::uint32_t> max_frame_{FrameLimits{}.max_frame};
   std::string client_name_;
 };
 

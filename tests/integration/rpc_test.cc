@@ -376,6 +376,20 @@ TEST_P(RpcTest, OversizedRequestFailsLocallyAndTheConnectionLives) {
   EXPECT_EQ(client.call_future<TestSvc::Echo>(call).get().payload(), "small");
 }
 
+TEST_P(RpcTest, OversizedReplyFailsThatCallOnlyAndTheConnectionLives) {
+  FerrydProcess server({"--max-frame", "65536"});
+  Client client = connect(server);
+  // The request fits; the echo adds a few bytes and the reply does not.
+  test::v1::EchoCall call;
+  call.set_payload(std::string(65530, 'r'));
+  auto err = expect_error([&] { client.call_future<TestSvc::Echo>(call).get(); });
+  EXPECT_EQ(err.code(), Code::resource_exhausted);
+  EXPECT_NE(err.message().find("reply of"), std::string::npos) << err.message();
+  EXPECT_TRUE(client.is_open());
+  call.set_payload("small");
+  EXPECT_EQ(client.call_future<TestSvc::Echo>(call).get().payload(), "small");
+}
+
 TEST_P(RpcTest, BlockingHandlersRunOnTheWorkerPoolWithoutStallingOtherCalls) {
   FerrydProcess server({"--io-threads", "1", "--worker-threads", "2"});
   Client client = connect(server);
