@@ -4,6 +4,7 @@
 #include <asio/detached.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
+#include <asio/dispatch.hpp>
 #include <asio/post.hpp>
 #include <asio/use_awaitable.hpp>
 #include <spdlog/spdlog.h>
@@ -82,7 +83,10 @@ bool Connection::send(OutFrame frame, Lane lane) {
 }
 
 void Connection::wake_writer() {
-  asio::post(executor_, [self = shared_from_this()] { self->wake_.cancel(); });
+  // dispatch, not post: from the connection's own thread (a reply finished
+  // by a handler on the same io thread) the timer is cancelled inline,
+  // saving a trip through the queue.
+  asio::dispatch(executor_, [self = shared_from_this()] { self->wake_.cancel(); });
 }
 
 bool Connection::unqueue(Serial serial, FrameType type) {
