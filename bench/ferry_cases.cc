@@ -26,13 +26,15 @@ using ferry::rpc::Client;
 
 // A ferryd child process serving the test program at `address`.
 struct Ferryd {
-  Ferryd(const CaseOptions& options, const std::string& address, ScratchDir& dir) {
+  Ferryd(const CaseOptions& options, const std::string& address, ScratchDir& dir,
+         std::vector<std::string> extra = {}) {
     if (options.ferryd.empty() || !std::filesystem::exists(options.ferryd))
       throw std::runtime_error("ferryd not found at '" + options.ferryd + "' (pass --ferryd)");
     ready_file = (dir.path() / "ready").string();
-    child = spawn_server({options.ferryd, "--test-service", "--listen", address, "--ready-file", ready_file,
-                          "--log-level", "warn", "--max-calls-per-client", "100000"},
-                         options.server_netns, std::chrono::seconds(20), false);
+    std::vector<std::string> argv = {options.ferryd, "--test-service", "--listen", address, "--ready-file",
+                                     ready_file, "--log-level", "warn", "--max-calls-per-client", "100000"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    child = spawn_server(argv, options.server_netns, std::chrono::seconds(20), false);
     auto deadline = Clock::now() + std::chrono::seconds(20);
     while (!std::filesystem::exists(ready_file)) {
       if (Clock::now() > deadline) throw std::runtime_error("ferryd did not become ready");
@@ -150,24 +152,41 @@ Measurement ferry_body(const CaseOptions& options, bool tcp) {
 }
 
 Measurement ferry_duplex(const CaseOptions& options, bool half_duplex) {
+  // Socket buffers are held to 256 KiB on both ends so that the link, not
+  // megabytes of kernel buffering, decides whether the two directions
+  // overlap: with autotuned buffers (4-6 MiB here) a client that takes
+  // turns still finds its replies waiting in the kernel.
+  constexpr int socket_buffer = 256 << 10;
   ScratchDir dir;
-  Ferryd server(options, listen_address(options, dir, true), dir);
+  Ferryd server(options, listen_address(options, dir, true), dir, {"--socket-buffer", std::to_string(socket_buffer)});
   rpc::IoThreads io(1);
   rpc::ClientOptions copts;
   copts.connection.half_duplex = half_duplex;
+  copts.connection.socket_buffer_bytes = socket_buffer;
   Client client = Client::connect_sync(io.executor(), server.uri(), copts);
-  // Mixed traffic: every call carries 256 KiB up and its reply 256 KiB down.
-  ferry::test::v1::EchoCall call;
-  call.set_payload(std::string(body_chunk_bytes, 'd'));
+  // Mixed traffic, as a block device sees it: half the calls write data
+  // up (small reply), half read data down (small request), each kind
+  // with 8 in flight, so both directions of the link are wanted at once.
+  // Requests of 2 MiB (qemu-img convert's buffer size) are eight times the socket buffer, so writing one
+  // takes a while on the link, as large NBD writes do on a real network.
+  constexpr std::size_t io_size = 2 << 20;
+  ferry::test::v1::EchoCall up;
+  up.set_payload(std::string(io_size, 'w'));
+  up.set_discard(true);
+  ferry::test::v1::EchoCall down;
+  down.set_reply_size(static_cast<std::uint32_t>(io_size));
+  std::atomic<std::uint64_t> turn{0};
   std::uint64_t bytes = 0;
   double rate = run_closed_loop(
-      client, io, 8, options.quick,
-      [&](Client& c) -> asio::awaitable<void> { co_await c.call<TestSvc::Echo>(call); }, &bytes,
-      2 * body_chunk_bytes);
-  const double secs = rate > 0 ? static_cast<double>(bytes) / (2.0 * body_chunk_bytes) / rate : 1.0;
+      client, io, 16, options.quick,
+      [&](Client& c) -> asio::awaitable<void> {
+        co_await c.call<TestSvc::Echo>(turn.fetch_add(1) % 2 ? up : down);
+      },
+      &bytes, io_size);
+  const double secs = rate > 0 ? static_cast<double>(bytes) / io_size / rate : 1.0;
   return {static_cast<double>(bytes) / secs / 1e6, "MB/s",
           std::string(half_duplex ? "half duplex" : "full duplex") +
-              ": 256 KiB echo calls, 8 in flight, bytes up + down"};
+              ": 2 MiB writes and 2 MiB reads mixed, 16 in flight, 256 KiB socket buffers, payload bytes"};
 }
 
 }  // namespace ferry::bench

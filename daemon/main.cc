@@ -54,6 +54,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--keepalive-count", options.keepalive_count, "unanswered probes before a peer is dead")
       ->capture_default_str();
+  app.add_option("--socket-buffer", options.socket_buffer_bytes,
+                 "SO_SNDBUF/SO_RCVBUF per connection in bytes (0 = kernel autotuning)")
+      ->capture_default_str();
   app.add_option("--shutdown-grace", shutdown_grace_ms, "ms calls in flight get to finish on SIGTERM")
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")->capture_default_str();

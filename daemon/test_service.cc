@@ -32,7 +32,10 @@ std::shared_ptr<rpc::Program> make_test_program(const rpc::Server& server) {
   program->on<Test::Echo>([](const EchoCall& call, rpc::CallContext&) -> asio::awaitable<EchoReply> {
     EchoReply reply;
     reply.set_received(call.payload().size());
-    if (!call.discard()) reply.set_payload(call.payload());
+    if (call.reply_size() > 0)
+      reply.mutable_payload()->assign(call.reply_size(), 'r');
+    else if (!call.discard())
+      reply.set_payload(call.payload());
     co_return reply;
   });
 

@@ -41,7 +41,9 @@ Connection::Connection(std::unique_ptr<Transport> transport, ConnectionOptions o
       wake_(executor_),
       keepalive_timer_(executor_),
       keepalive_ms_(options.keepalive_interval.count()),
-      keepalive_count_(options.keepalive_count) {}
+      keepalive_count_(options.keepalive_count) {
+  transport_->set_buffer_size(options.socket_buffer_bytes);
+}
 
 Connection::~Connection() = default;
 

@@ -408,6 +408,7 @@ void Server::Impl::accept_connection(std::unique_ptr<Transport> transport) {
   copts.limits = options_.limits;
   copts.keepalive_interval = options_.keepalive_interval;
   copts.keepalive_count = options_.keepalive_count;
+  copts.socket_buffer_bytes = options_.socket_buffer_bytes;
   auto connection = std::make_shared<Connection>(std::move(transport), copts);
   auto session = std::make_shared<Session>(this, connection);
   bool refuse = false;

@@ -79,6 +79,14 @@ asio::awaitable<std::error_code> SocketTransport<Protocol>::wait_readable() {
 }
 
 template <class Protocol>
+void SocketTransport<Protocol>::set_buffer_size(int bytes) {
+  if (bytes <= 0) return;
+  std::error_code ec;
+  socket_.set_option(asio::socket_base::send_buffer_size(bytes), ec);
+  socket_.set_option(asio::socket_base::receive_buffer_size(bytes), ec);
+}
+
+template <class Protocol>
 void SocketTransport<Protocol>::shutdown_send() {
   std::error_code ec;
   socket_.shutdown(Socket::shutdown_send, ec);

@@ -21,6 +21,7 @@ class SocketTransport final : public Transport {
   asio::awaitable<IoResult> write_all(std::span<const asio::const_buffer> buffers) override;
   asio::awaitable<std::error_code> wait_readable() override;
   void shutdown_send() override;
+  void set_buffer_size(int bytes) override;
   void close() override;
 
   Socket& socket() { return socket_; }

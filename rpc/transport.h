@@ -50,6 +50,9 @@ class Transport {
   virtual asio::awaitable<IoResult> write_all(std::span<const asio::const_buffer> buffers) = 0;
   // Waits until a read would not block (used by the half-duplex mode only).
   virtual asio::awaitable<std::error_code> wait_readable() = 0;
+  // Sets the kernel's send and receive buffer sizes (SO_SNDBUF/SO_RCVBUF);
+  // 0 leaves the kernel's autotuning alone. Best effort.
+  virtual void set_buffer_size(int bytes) { (void)bytes; }
   // Ends our sending direction (the peer reads EOF) while still reading.
   virtual void shutdown_send() = 0;
   // Cancels outstanding operations and closes; safe to repeat.

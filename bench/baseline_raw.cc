@@ -1,0 +1,211 @@
+// Raw-socket baselines: the same bytes a ferry frame would carry, moved with
+// the fewest syscalls a blocking program can manage.
+#include <unistd.h>
+
+#include <cstring>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include "bench/baselines.h"
+#include "bench/harness.h"
+
+namespace ferry::bench {
+namespace {
+
+constexpr uint32_t max_frame_bytes = 32u << 20;
+constexpr uint32_t type_call = 0;
+constexpr uint32_t type_data_chunk = 3;
+constexpr uint32_t status_ok = 0;
+constexpr uint32_t status_continue = 2;
+
+// Fills a 28-byte length prefix + header as ferry's wire protocol v1 lays it
+// out, so the baseline's bytes on the wire match a real frame's.
+void fill_frame_head(unsigned char* out, std::size_t body, uint32_t type, uint32_t serial,
+                     uint32_t status) {
+  put_be32(out, static_cast<uint32_t>(24 + body));
+  put_be32(out + 4, 1);    // program
+  put_be32(out + 8, 1);    // version
+  put_be32(out + 12, 1);   // procedure
+  put_be32(out + 16, type);
+  put_be32(out + 20, serial);
+  put_be32(out + 24, status);
+}
+
+std::string server_address(const CaseOptions& options, const ScratchDir& dir,
+                           const char* unix_name, bool tcp) {
+  if (!options.addr.empty()) return options.addr;
+  if (tcp) {
+    if (!options.server_netns.empty()) {
+      throw std::runtime_error("tcp across network namespaces needs --addr");
+    }
+    return "tcp:127.0.0.1:0";
+  }
+  return dir.unix_address(unix_name);
+}
+
+// Reads whatever is there and echoes every complete frame with one write,
+// the way an efficient single-threaded server batches.
+void echo_connection(Fd fd) {
+  std::vector<unsigned char> buf(64 * 1024);
+  std::size_t have = 0;
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf.data() + have, buf.size() - have);
+    if (n == 0) return;
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return;
+    }
+    have += static_cast<std::size_t>(n);
+    std::size_t complete = 0;
+    std::size_t need = 0;
+    while (have - complete >= 4) {
+      uint32_t len = get_be32(buf.data() + complete);
+      if (len > max_frame_bytes) return;
+      if (have - complete < 4 + std::size_t{len}) {
+        need = 4 + std::size_t{len};
+        break;
+      }
+      complete += 4 + std::size_t{len};
+    }
+    if (complete > 0) {
+      write_all(fd.get(), buf.data(), complete);
+      std::memmove(buf.data(), buf.data() + complete, have - complete);
+      have -= complete;
+    }
+    if (need > buf.size()) buf.resize(need);
+  }
+}
+
+// Consumes requests of the form: u64 byte count, then that many bytes; each
+// is acknowledged with one byte once the last of it has been read, so the
+// client's clock covers delivery, not just buffering.
+void sink_connection(Fd fd) {
+  std::vector<unsigned char> buf(body_chunk_bytes);
+  for (;;) {
+    unsigned char head[8];
+    if (!read_exact(fd.get(), head, sizeof head)) return;
+    uint64_t left = get_be64(head);
+    while (left > 0) {
+      std::size_t want = left < buf.size() ? static_cast<std::size_t>(left) : buf.size();
+      ssize_t n = ::read(fd.get(), buf.data(), want);
+      if (n == 0) return;
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return;
+      }
+      left -= static_cast<uint64_t>(n);
+    }
+    unsigned char ack = 1;
+    write_all(fd.get(), &ack, 1);
+  }
+}
+
+template <typename Handler>
+int serve_forever(const std::string& listen, Handler handler) {
+  Address address = Address::parse(listen);
+  Fd listener = listen_on(address);
+  signal_ready(address.str());
+  for (;;) {
+    Fd fd = accept_from(listener.get());
+    std::thread([handler, fd = std::move(fd)]() mutable {
+      try {
+        handler(std::move(fd));
+      } catch (const std::exception&) {
+        // A client that vanished mid-message ends only its own connection.
+      }
+    }).detach();
+  }
+}
+
+}  // namespace
+
+int serve_raw_echo(const std::string& listen) { return serve_forever(listen, echo_connection); }
+
+int serve_raw_sink(const std::string& listen) { return serve_forever(listen, sink_connection); }
+
+Measurement raw_echo_seq(const CaseOptions& options) {
+  ScratchDir dir;
+  std::string listen = server_address(options, dir, "echo.sock", false);
+  ChildProcess server =
+      spawn_server({self_exe(), "serve-raw-echo", "--listen", listen}, options.server_netns);
+  Fd fd = connect_to(Address::parse(server.ready_info()));
+
+  const std::size_t frame_bytes = frame_overhead_bytes + echo_payload_bytes;
+  std::vector<unsigned char> request(frame_bytes, 0x5a);
+  std::vector<unsigned char> reply(4096);
+  uint32_t serial = 0;
+
+  auto call = [&] {
+    fill_frame_head(request.data(), echo_payload_bytes, type_call, ++serial, status_ok);
+    write_all(fd.get(), request.data(), request.size());
+    std::size_t have = 0;
+    while (have < 4 || have < 4 + std::size_t{get_be32(reply.data())}) {
+      ssize_t n = ::read(fd.get(), reply.data() + have, reply.size() - have);
+      if (n == 0) throw std::runtime_error("echo server closed the connection");
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        throw std::runtime_error("read from echo server failed");
+      }
+      have += static_cast<std::size_t>(n);
+    }
+    if (have != frame_bytes || get_be32(reply.data() + 20) != serial) {
+      throw std::runtime_error("echo server sent a malformed reply");
+    }
+  };
+
+  auto run_for = [&](std::chrono::milliseconds window) {
+    uint64_t calls = 0;
+    auto start = Clock::now();
+    auto end = start + window;
+    // Reading the clock every call would cost a measurable share of a
+    // microsecond-scale round trip.
+    do {
+      for (int i = 0; i < 64; ++i) call();
+      calls += 64;
+    } while (Clock::now() < end);
+    return static_cast<double>(calls) / seconds_since(start);
+  };
+
+  run_for(warmup_window());
+  double rate = run_for(measure_window(options.quick));
+  server.stop();
+  return {rate, "calls/s",
+          "raw " + std::string(listen.starts_with("unix:") ? "unix" : "tcp") + " ping-pong, " +
+              std::to_string(frame_bytes) + " B each way, blocking read/write"};
+}
+
+Measurement raw_body(const CaseOptions& options, bool tcp) {
+  ScratchDir dir;
+  std::string listen = server_address(options, dir, "sink.sock", tcp);
+  ChildProcess server =
+      spawn_server({self_exe(), "serve-raw-sink", "--listen", listen}, options.server_netns);
+  Fd fd = connect_to(Address::parse(server.ready_info()));
+
+  const uint64_t payload_total = body_total_bytes(options.quick);
+  const uint64_t frames = payload_total / body_chunk_bytes;
+  std::vector<unsigned char> body(body_chunk_bytes);
+  for (std::size_t i = 0; i < body.size(); ++i) body[i] = static_cast<unsigned char>(i * 131 + 7);
+  unsigned char head[frame_overhead_bytes];
+
+  auto start = Clock::now();
+  unsigned char total[8];
+  put_be64(total, frames * (frame_overhead_bytes + body_chunk_bytes));
+  write_all(fd.get(), total, sizeof total);
+  for (uint64_t i = 0; i < frames; ++i) {
+    fill_frame_head(head, body_chunk_bytes, type_data_chunk, 1, status_continue);
+    iovec iov[2] = {{head, sizeof head}, {body.data(), body.size()}};
+    writev_all(fd.get(), iov, 2);
+  }
+  unsigned char ack = 0;
+  if (!read_exact(fd.get(), &ack, 1)) throw std::runtime_error("sink closed before acknowledging");
+  double elapsed = seconds_since(start);
+  server.stop();
+
+  return {static_cast<double>(payload_total) / 1e6 / elapsed, "MB/s",
+          std::string(tcp ? "raw tcp" : "raw unix") + ", " + std::to_string(frames) +
+              " x 256 KiB bodies (+28 B header) via writev, payload bytes counted, " +
+              "default socket buffers"};
+}
+
+}  // namespace ferry::bench

@@ -1,0 +1,31 @@
+// The baseline side of each bench/run row and the peer servers they start.
+//
+// Raw-socket baselines use blocking POSIX sockets: one syscall per message
+// in each direction is the floor any framework on the same socket pays, so
+// they stand for the physical limit. The gRPC baseline is a stock unary
+// service written the way its documentation teaches, at default settings.
+#pragma once
+
+#include <string>
+
+#include "bench/ferry_cases.h"
+
+namespace ferry::bench {
+
+// rpc.echo.seq: one frame of 28 + 64 bytes out, the same back, then the next.
+Measurement raw_echo_seq(const CaseOptions& options);
+// rpc.body.unix / rpc.body.tcp: 256 KiB bodies with a 28-byte header each,
+// written with writev, until the sink acknowledges the last byte.
+Measurement raw_body(const CaseOptions& options, bool tcp);
+// rpc.echo.inflight128: gRPC unary Echo with `inflight` calls outstanding on
+// one channel. Throws Unavailable when built without gRPC.
+Measurement grpc_echo_inflight(const CaseOptions& options, int inflight);
+
+// Server modes; each listens on `listen`, calls signal_ready() with the
+// address a client should use, and serves until killed.
+int serve_raw_echo(const std::string& listen);
+int serve_raw_sink(const std::string& listen);
+// `listen` is "unix:PATH", "HOST:PORT" or "tcp:HOST:PORT"; port 0 picks one.
+int serve_grpc(const std::string& listen);
+
+}  // namespace ferry::bench

@@ -1,0 +1,55 @@
+// The ferry side of each bench/run row. `ferry_bench measure ROW --side ferry`
+// calls exactly one of these in a fresh process and prints its Measurement
+// as one JSON line; the baseline side of the same row is measured the same
+// way, so both see a cold process and the same machine state.
+//
+// A case that needs a server starts it as a separate process (see
+// bench/harness.h: spawn_server, signal_ready) and must stop and reap it
+// before returning, also when it throws. A thrown exception fails this side
+// of the row only; bench/run reports its message and goes on.
+#pragma once
+
+#include <string>
+
+namespace ferry::bench {
+
+struct CaseOptions {
+  // Smaller sizes and shorter windows, for `bench/run --quick`: a quick
+  // measurement should take 2-4 s including server start.
+  bool quick = false;
+  // Path to the server binary (build/daemon/ferryd); may not exist yet.
+  std::string ferryd;
+  // Listen address override, "unix:PATH" or "tcp:HOST:PORT". Set for
+  // rpc.duplex (e.g. "tcp:10.231.0.1:7000" on the emulated link, or a free
+  // loopback port when namespaces are unavailable); empty means the case
+  // picks its own scratch address.
+  std::string addr;
+  // Run only the server half of the case and block until killed; used when
+  // a case re-executes `ferry_bench measure ROW --side ferry --serve-only`
+  // as its server child. Signal readiness with signal_ready().
+  bool serve_only = false;
+  // Network namespace the server child must run in (spawn_server takes it);
+  // empty means the caller's namespace. The measuring (client) process is
+  // already inside the client namespace when the case runs.
+  std::string server_netns;
+};
+
+struct Measurement {
+  double value;
+  std::string unit;  // "calls/s", "MB/s" (1e6 bytes), "ms" or "s"
+  std::string note;
+};
+
+// rpc.echo.seq: sequential 64-byte echo calls on one unix connection.
+Measurement ferry_echo_seq(const CaseOptions&);
+// rpc.echo.inflight128: echo calls/s with `inflight` calls outstanding on one
+// connection.
+Measurement ferry_echo_inflight(const CaseOptions&, int inflight);
+// rpc.body.unix / rpc.body.tcp: one-way MB/s of 256 KiB bodies, 4 GiB
+// (512 MiB quick), complete when the server has consumed the last byte.
+Measurement ferry_body(const CaseOptions&, bool tcp);
+// rpc.duplex: MB/s of mixed traffic; the baseline side of the row is this
+// same function with half_duplex = true.
+Measurement ferry_duplex(const CaseOptions&, bool half_duplex);
+
+}  // namespace ferry::bench

@@ -1,0 +1,195 @@
+// ferry_bench: one measurement per process, driven by bench/run.
+//
+//   ferry_bench measure ROW --side ferry|baseline [--quick] [--ferryd PATH]
+//               [--addr ADDR] [--server-netns NS] [--client-netns NS] [--serve-only]
+//   ferry_bench serve-raw-echo --listen unix:PATH|tcp:HOST:PORT
+//   ferry_bench serve-raw-sink --listen unix:PATH|tcp:HOST:PORT
+//   ferry_bench serve-grpc     --listen unix:PATH|HOST:PORT
+//   ferry_bench rows
+//
+// `measure` prints exactly one JSON line on stdout,
+// {"value": N, "unit": "...", "note": "..."}; on failure it prints the reason
+// on stderr and exits 1, or 77 when a baseline's peer tool is unavailable.
+// Servers are child processes (this same binary re-executed), started with
+// `ip netns exec NS` when --server-netns is given; --client-netns moves the
+// measuring process itself into NS before anything else happens.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "bench/baselines.h"
+#include "bench/ferry_cases.h"
+#include "bench/harness.h"
+
+namespace ferry::bench {
+namespace {
+
+constexpr int exit_failure = 1;
+constexpr int exit_usage = 2;
+constexpr int exit_unavailable = 77;
+
+struct Row {
+  std::string_view name;
+  std::function<Measurement(const CaseOptions&)> ferry;
+  std::function<Measurement(const CaseOptions&)> baseline;
+};
+
+// Row names are stable: issues and stored results refer to them.
+const std::vector<Row>& rows() {
+  static const std::vector<Row> table = {
+      {"rpc.echo.seq", ferry_echo_seq, raw_echo_seq},
+      {"rpc.echo.inflight128", [](const CaseOptions& o) { return ferry_echo_inflight(o, 128); },
+       [](const CaseOptions& o) { return grpc_echo_inflight(o, 128); }},
+      {"rpc.body.unix", [](const CaseOptions& o) { return ferry_body(o, false); },
+       [](const CaseOptions& o) { return raw_body(o, false); }},
+      {"rpc.body.tcp", [](const CaseOptions& o) { return ferry_body(o, true); },
+       [](const CaseOptions& o) { return raw_body(o, true); }},
+      {"rpc.duplex", [](const CaseOptions& o) { return ferry_duplex(o, false); },
+       [](const CaseOptions& o) { return ferry_duplex(o, true); }},
+  };
+  return table;
+}
+
+std::string json_string(std::string_view text) {
+  std::string out = "\"";
+  for (char c : text) {
+    switch (c) {
+      case '"': out += "\\\""; break;
+      case '\\': out += "\\\\"; break;
+      case '\n': out += "\\n"; break;
+      case '\t': out += "\\t"; break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          char buf[8];
+          std::snprintf(buf, sizeof buf, "\\u%04x", c);
+          out += buf;
+        } else {
+          out += c;
+        }
+    }
+  }
+  return out + "\"";
+}
+
+int usage(const char* why) {
+  if (why) std::fprintf(stderr, "ferry_bench: %s\n", why);
+  std::fputs(
+      "usage: ferry_bench measure ROW --side ferry|baseline [--quick] [--ferryd PATH]\n"
+      "                   [--addr ADDR] [--server-netns NS] [--client-netns NS] [--serve-only]\n"
+      "       ferry_bench serve-raw-echo|serve-raw-sink|serve-grpc --listen ADDR\n"
+      "       ferry_bench rows\n",
+      stderr);
+  return exit_usage;
+}
+
+// Parses "--flag value" and "--switch" arguments after the subcommand.
+bool parse_flags(int argc, char** argv, int first, std::vector<std::string>& positional,
+                 std::map<std::string, std::string>& values, const std::vector<std::string>& switches,
+                 const std::vector<std::string>& valued) {
+  for (int i = first; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (!arg.starts_with("--")) {
+      positional.push_back(arg);
+      continue;
+    }
+    std::string name = arg.substr(2);
+    std::string value;
+    bool inline_value = false;
+    if (auto eq = name.find('='); eq != std::string::npos) {
+      value = name.substr(eq + 1);
+      name.resize(eq);
+      inline_value = true;
+    }
+    if (std::find(switches.begin(), switches.end(), name) != switches.end() && !inline_value) {
+      values.insert_or_assign(name, std::string(1, '1'));
+    } else if (std::find(valued.begin(), valued.end(), name) != valued.end()) {
+      if (!inline_value) {
+        if (i + 1 >= argc) return false;
+        value = argv[++i];
+      }
+      values[name] = value;
+    } else {
+      return false;
+    }
+  }
+  return true;
+}
+
+int measure(int argc, char** argv) {
+  std::vector<std::string> positional;
+  std::map<std::string, std::string> flags;
+  if (!parse_flags(argc, argv, 2, positional, flags, {"quick", "serve-only"},
+                   {"side", "ferryd", "addr", "server-netns", "client-netns"})) {
+    return usage("bad arguments to measure");
+  }
+  if (positional.size() != 1) return usage("measure takes exactly one ROW");
+  const Row* row = nullptr;
+  for (const Row& r : rows()) {
+    if (r.name == positional[0]) row = &r;
+  }
+  if (!row) return usage(("unknown row " + positional[0]).c_str());
+  std::string side = flags["side"];
+  if (side != "ferry" && side != "baseline") return usage("--side must be ferry or baseline");
+
+  CaseOptions options;
+  options.quick = flags.contains("quick");
+  options.serve_only = flags.contains("serve-only");
+  options.ferryd = flags["ferryd"];
+  options.addr = flags["addr"];
+  options.server_netns = flags["server-netns"];
+  if (!flags["client-netns"].empty()) enter_netns(flags["client-netns"]);
+  if (!options.addr.empty()) Address::parse(options.addr);  // reject typos before starting
+
+  Measurement m = side == "ferry" ? row->ferry(options) : row->baseline(options);
+  if (options.serve_only) return 0;
+  std::printf("{\"value\": %.10g, \"unit\": %s, \"note\": %s}\n", m.value,
+              json_string(m.unit).c_str(), json_string(m.note).c_str());
+  std::fflush(stdout);
+  return 0;
+}
+
+int serve(int argc, char** argv, int (*server)(const std::string&)) {
+  std::vector<std::string> positional;
+  std::map<std::string, std::string> flags;
+  if (!parse_flags(argc, argv, 2, positional, flags, {}, {"listen"}) || !positional.empty() ||
+      flags["listen"].empty()) {
+    return usage("serve modes take --listen ADDR");
+  }
+  return server(flags["listen"]);
+}
+
+int run(int argc, char** argv) {
+  if (argc < 2) return usage(nullptr);
+  std::string_view command = argv[1];
+  if (command == "measure") return measure(argc, argv);
+  if (command == "serve-raw-echo") return serve(argc, argv, serve_raw_echo);
+  if (command == "serve-raw-sink") return serve(argc, argv, serve_raw_sink);
+  if (command == "serve-grpc") return serve(argc, argv, serve_grpc);
+  if (command == "rows") {
+    for (const Row& r : rows()) std::printf("%.*s\n", static_cast<int>(r.name.size()), r.name.data());
+    return 0;
+  }
+  if (command == "-h" || command == "--help") return usage(nullptr), 0;
+  return usage(("unknown command " + std::string(command)).c_str());
+}
+
+}  // namespace
+}  // namespace ferry::bench
+
+int main(int argc, char** argv) {
+  try {
+    return ferry::bench::run(argc, argv);
+  } catch (const ferry::bench::Unavailable& e) {
+    std::fprintf(stderr, "ferry_bench: unavailable: %s\n", e.what());
+    return ferry::bench::exit_unavailable;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "ferry_bench: error: %s\n", e.what());
+    return ferry::bench::exit_failure;
+  }
+}
