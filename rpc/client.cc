@@ -55,7 +55,7 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
   ClientCore(std::shared_ptr<Connection> connection, ClientOptions options)
       : connection_(std::move(connection)), executor_(connection_->get_executor()), options_(std::move(options)) {}
 
-  Serial start(std::uint32_t program, std::uint32_t version, std::uint32_t procedure, std::string body,
+  Serial start(std::uint32_t program, std::uint32_t version, std::uint32_t procedure, Buffer body,
                CallOptions options, std::unique_ptr<CallCompletion> done) {
     Pending pending;
     pending.done = std::move(done);
@@ -286,7 +286,7 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
 };
 
 Serial start_call(const std::shared_ptr<ClientCore>& core, std::uint32_t program, std::uint32_t version,
-                  std::uint32_t procedure, std::string body, CallOptions options,
+                  std::uint32_t procedure, Buffer body, CallOptions options,
                   std::unique_ptr<CallCompletion> done) {
   return core->start(program, version, procedure, std::move(body), std::move(options), std::move(done));
 }
@@ -296,6 +296,7 @@ void cancel_call(const std::weak_ptr<ClientCore>& weak, Serial serial) {
 }
 
 asio::any_io_executor core_executor(ClientCore& core) { return core.executor_; }
+BufferPool* core_pool(ClientCore& core) { return &core.connection_->pool(); }
 
 }  // namespace detail
 

@@ -75,10 +75,11 @@ class CallCompletion {
 
 class ClientCore;
 Serial start_call(const std::shared_ptr<ClientCore>& core, std::uint32_t program, std::uint32_t version,
-                  std::uint32_t procedure, std::string body, CallOptions options,
+                  std::uint32_t procedure, Buffer body, CallOptions options,
                   std::unique_ptr<CallCompletion> done);
 void cancel_call(const std::weak_ptr<ClientCore>& core, Serial serial);
 asio::any_io_executor core_executor(ClientCore& core);
+BufferPool* core_pool(ClientCore& core);
 
 template <class Reply, class Handler>
 class TypedCompletion final : public CallCompletion {
@@ -134,7 +135,7 @@ class Client {
     // Serialized now, so the request may be a temporary even when the token
     // (use_awaitable) starts the operation later.
     return asio::async_initiate<Token, void(std::exception_ptr, typename P::Reply)>(
-        [core = core_](auto handler, std::string body, CallOptions options) {
+        [core = core_](auto handler, Buffer body, CallOptions options) {
           using Handler = decltype(handler);
           auto slot = asio::get_associated_cancellation_slot(handler);
           auto completion = std::make_unique<detail::TypedCompletion<typename P::Reply, Handler>>(
@@ -146,7 +147,7 @@ class Client {
             slot.assign([weak, serial](asio::cancellation_type) { detail::cancel_call(weak, serial); });
           }
         },
-        token, call.SerializeAsString(), std::move(options));
+        token, serialize(call, detail::core_pool(*core_)), std::move(options));
   }
 
   template <class P>
@@ -184,7 +185,7 @@ class Client {
 
   // Raw form: program/version/procedure and serialized body. Returns the
   // serial; `done` runs exactly once.
-  Serial start_call(std::uint32_t program, std::uint32_t version, std::uint32_t procedure, std::string body,
+  Serial start_call(std::uint32_t program, std::uint32_t version, std::uint32_t procedure, Buffer body,
                     CallOptions options, std::unique_ptr<detail::CallCompletion> done) {
     return detail::start_call(core_, program, version, procedure, std::move(body), std::move(options),
                               std::move(done));

@@ -35,6 +35,7 @@ Connection::Connection(std::unique_ptr<Transport> transport, ConnectionOptions o
     : transport_(std::move(transport)),
       executor_(transport_->get_executor()),
       options_(options),
+      pool_(options.pool ? options.pool : BufferPool::create()),
       read_buffer_(options.read_buffer_size),
       max_frame_(options.limits.max_frame),
       max_chunk_(options.limits.max_chunk),
@@ -60,7 +61,7 @@ void Connection::start(std::shared_ptr<FrameHandler> handler) {
   spawn(executor_, self, [self]() { return self->run_keepalive(); });
 }
 
-bool Connection::send(const Header& header, std::string body, Lane lane) {
+bool Connection::send(const Header& header, Buffer body, Lane lane) {
   OutFrame f;
   encode_prefix(header, body.size(), f.prefix.data());
   f.body = std::move(body);
@@ -74,7 +75,14 @@ bool Connection::send(OutFrame frame, Lane lane) {
   {
     std::lock_guard lock(mutex_);
     if (closed_.load(std::memory_order_relaxed)) return false;
-    (lane == Lane::control ? control_ : bulk_).push_back(std::move(frame));
+    if (lane == Lane::control) {
+      control_.push_back(std::move(frame));
+    } else {
+      auto& queue = bulk_[frame.serial];
+      if (queue.empty()) bulk_turns_.push_back(frame.serial);
+      queue.push_back(std::move(frame));
+      ++bulk_frames_;
+    }
     if (writer_idle_) {
       writer_idle_ = false;
       wake = true;
@@ -89,6 +97,17 @@ void Connection::wake_writer() {
   // by a handler on the same io thread) the timer is cancelled inline,
   // saving a trip through the queue.
   asio::dispatch(executor_, [self = shared_from_this()] { self->wake_.cancel(); });
+}
+
+std::size_t Connection::drop_bulk(Serial serial) {
+  std::lock_guard lock(mutex_);
+  auto it = bulk_.find(serial);
+  if (it == bulk_.end()) return 0;
+  const std::size_t n = it->second.size();
+  bulk_frames_ -= n;
+  bulk_.erase(it);
+  std::erase(bulk_turns_, serial);
+  return n;
 }
 
 bool Connection::unqueue(Serial serial, FrameType type) {
@@ -137,6 +156,8 @@ void Connection::close_on_strand(Error reason) {
     closed_.store(true, std::memory_order_release);
     control_.clear();
     bulk_.clear();
+    bulk_turns_.clear();
+    bulk_frames_ = 0;
   }
   transport_->close();
   wake_.cancel();
@@ -167,7 +188,7 @@ ConnectionStats Connection::stats() const {
 
 std::size_t Connection::queued_frames() const {
   std::lock_guard lock(mutex_);
-  return control_.size() + bulk_.size();
+  return control_.size() + bulk_frames_;
 }
 
 // ---- read side ----
@@ -214,7 +235,7 @@ asio::awaitable<bool> Connection::read_frame(Header& header, Buffer& body) {
   read_begin_ += prefix_size;
   header = result.prefix->header;
   const std::size_t size = result.prefix->body_size;
-  body = Buffer(size);
+  body = pool_->get(size);
   const std::size_t have = std::min(size, read_end_ - read_begin_);
   if (have) std::memcpy(body.data(), read_buffer_.data() + read_begin_, have);
   read_begin_ += have;
@@ -255,7 +276,7 @@ void Connection::dispatch(const Header& header, Buffer body) {
       if (ping.ParseFromArray(body.data(), static_cast<int>(body.size()))) pong.set_token(ping.token());
       Header h{Control::program, Control::version, Control::KeepalivePong::number, FrameType::message, 0,
                FrameStatus::ok};
-      send(h, pong.SerializeAsString());
+      send(h, serialize(pong));
       return;
     }
     if (header.procedure == Control::KeepalivePong::number) return;  // last_rx_ already updated
@@ -282,11 +303,21 @@ bool Connection::take_batch(std::vector<OutFrame>& batch) {
     batch.push_back(std::move(control_.front()));
     control_.pop_front();
   }
+  // Then bulk frames, one per stream in turn.
   std::size_t bulk_bytes = 0;
-  while (!bulk_.empty() && batch.size() < 512 && bulk_bytes < options_.max_batch_bytes) {
-    bulk_bytes += bulk_.front().wire_size();
-    batch.push_back(std::move(bulk_.front()));
-    bulk_.pop_front();
+  while (!bulk_turns_.empty() && batch.size() < 512 && bulk_bytes < options_.max_batch_bytes) {
+    const Serial serial = bulk_turns_.front();
+    bulk_turns_.pop_front();
+    auto it = bulk_.find(serial);
+    auto& queue = it->second;
+    bulk_bytes += queue.front().wire_size();
+    batch.push_back(std::move(queue.front()));
+    queue.pop_front();
+    --bulk_frames_;
+    if (queue.empty())
+      bulk_.erase(it);
+    else
+      bulk_turns_.push_back(serial);
   }
   if (batch.empty()) writer_idle_ = true;
   return !batch.empty();
@@ -402,7 +433,7 @@ asio::awaitable<void> Connection::run_keepalive() {
     ping.set_token(++ping_token_);
     Header h{Control::program, Control::version, Control::KeepalivePing::number, FrameType::message, 0,
              FrameStatus::ok};
-    send(h, ping.SerializeAsString());
+    send(h, serialize(ping));
   }
 }
 

@@ -32,6 +32,7 @@
 #include <chrono>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -48,7 +49,7 @@ namespace ferry::rpc {
 // is owned by the frame until the write that carries it completes.
 struct OutFrame {
   std::array<std::uint8_t, prefix_size> prefix{};
-  std::string body;                    // protobuf bytes or a small fixed body
+  Buffer body;                         // protobuf bytes or a small fixed body
   std::shared_ptr<const void> owner;   // keeps `payload` alive (bulk chunks)
   std::span<const std::uint8_t> payload;
   Serial serial = 0;
@@ -78,6 +79,7 @@ struct ConnectionOptions {
   unsigned keepalive_count = 3;
   bool half_duplex = false;                 // benchmark baseline only
   int socket_buffer_bytes = 0;              // SO_SNDBUF/SO_RCVBUF; 0 = kernel autotuning
+  std::shared_ptr<BufferPool> pool;         // for large bodies; null: the connection makes its own
   std::size_t read_buffer_size = 64 << 10;
   std::size_t max_batch_bytes = 1 << 20;    // bulk bytes per write
 };
@@ -102,12 +104,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // Queues a frame. Thread-safe. Returns false if the connection is closed
   // (the frame is dropped; the caller learns why through on_close).
-  bool send(const Header& header, std::string body, Lane lane = Lane::control);
+  bool send(const Header& header, Buffer body, Lane lane = Lane::control);
   bool send(OutFrame frame, Lane lane);
 
   // Removes a CALL that is still queued (not yet handed to the socket).
   // Thread-safe. True if it was removed: the peer will never see it.
   bool unqueue(Serial serial, FrameType type);
+  // Drops every queued bulk frame (chunks, holes) of one stream, as an
+  // abort must. Thread-safe. Returns how many were dropped.
+  std::size_t drop_bulk(Serial serial);
 
   // Closes with a reason; safe to repeat and from any thread. Queued frames
   // are dropped.
@@ -123,6 +128,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool closed() const { return closed_.load(std::memory_order_acquire); }
   const PeerIdentity& peer() const { return transport_->peer(); }
   asio::any_io_executor get_executor() { return executor_; }
+  // Recycles large bodies (read and written); shared with whoever made it.
+  BufferPool& pool() { return *pool_; }
   ConnectionStats stats() const;
   std::size_t queued_frames() const;
 
@@ -147,6 +154,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::any_io_executor executor_;
   ConnectionOptions options_;
   std::shared_ptr<FrameHandler> handler_;
+  std::shared_ptr<BufferPool> pool_;
 
   // Read side (strand only).
   Buffer read_buffer_;
@@ -161,7 +169,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // Write side.
   mutable std::mutex mutex_;
   std::deque<OutFrame> control_;
-  std::deque<OutFrame> bulk_;
+  // Bulk frames per stream (by serial), served round-robin so one busy
+  // stream cannot hold back another.
+  std::map<Serial, std::deque<OutFrame>> bulk_;
+  std::deque<Serial> bulk_turns_;
+  std::size_t bulk_frames_ = 0;
   bool writer_idle_ = false;
   bool flush_then_close_ = false;
   std::string flush_close_reason_;

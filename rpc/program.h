@@ -52,11 +52,12 @@ namespace detail {
 class CallSink {
  public:
   virtual ~CallSink() = default;
-  virtual void finish_call(const Header& call, FrameStatus status, std::string body) = 0;
+  virtual void finish_call(const Header& call, FrameStatus status, Buffer body) = 0;
   virtual bool push_message(std::uint32_t program, std::uint32_t version, std::uint32_t procedure,
-                            std::string body) = 0;
+                            Buffer body) = 0;
   virtual const PeerIdentity& peer() const = 0;
   virtual void note_cancelled() = 0;
+  virtual BufferPool* pool() = 0;
 };
 
 // Shared by the dispatcher, the handler's context/token and the CANCEL path.
@@ -72,13 +73,13 @@ struct CallState {
   std::function<void()> on_cancel;
 
   // First answer wins; later ones are dropped (cancel/shutdown races).
-  bool finish(FrameStatus status, std::string body) {
+  bool finish(FrameStatus status, Buffer body) {
     if (finished.exchange(true)) return false;
     sink->finish_call(header, status, std::move(body));
     return true;
   }
   bool finish_ok(const google::protobuf::MessageLite& reply) {
-    return finish(FrameStatus::ok, reply.SerializeAsString());
+    return finish(FrameStatus::ok, serialize(reply, sink->pool()));
   }
   bool finish_error(const Error& error);
 };
@@ -105,7 +106,7 @@ class CallContext {
   bool send_message(const typename P::Call& message) const {
     static_assert(P::message, "send_message takes a MESSAGE procedure");
     return state_->sink->push_message(P::Program::program, P::Program::version, P::number,
-                                      message.SerializeAsString());
+                                      serialize(message, state_->sink->pool()));
   }
 
  private:

@@ -30,7 +30,7 @@ namespace ferry::rpc {
 
 namespace detail {
 
-bool CallState::finish_error(const Error& error) { return finish(FrameStatus::error, error.to_proto().SerializeAsString()); }
+bool CallState::finish_error(const Error& error) { return finish(FrameStatus::error, serialize(error.to_proto())); }
 
 void request_cancel(const std::shared_ptr<CallState>& state) {
   if (state->cancel_requested.exchange(true)) return;
@@ -80,6 +80,9 @@ class Server::Impl {
   ServerOptions options_;
   unsigned io_threads_;
   std::vector<std::unique_ptr<asio::io_context>> contexts_;
+  // One pool of large buffers for every connection: idle bytes are capped
+  // once for the process instead of once per client.
+  std::shared_ptr<BufferPool> pool_ = BufferPool::create(64u << 20);
   std::atomic<std::size_t> next_context_{0};
   asio::thread_pool workers_;
   std::vector<std::thread> threads_;
@@ -164,7 +167,7 @@ class Server::Impl::Session final : public FrameHandler,
   }
 
   // CallSink
-  void finish_call(const Header& call, FrameStatus status, std::string body) override {
+  void finish_call(const Header& call, FrameStatus status, Buffer body) override {
     {
       std::lock_guard lock(mutex_);
       if (calls_.erase(call.serial) == 0) return;
@@ -180,17 +183,17 @@ class Server::Impl::Session final : public FrameHandler,
       spdlog::warn("reply to serial {} from {} is {} bytes, over the negotiated maximum of {}; answering with an error",
                    call.serial, peer().address, body.size(), max_frame);
       h.status = FrameStatus::error;
-      body = Error(Code::resource_exhausted, "reply of " + std::to_string(body.size()) +
+      const auto too_big = Error(Code::resource_exhausted, "reply of " + std::to_string(body.size()) +
                                                  " bytes exceeds the connection's maximum frame size of " +
                                                  std::to_string(max_frame) + " bytes")
-                 .to_proto()
-                 .SerializeAsString();
+                 .to_proto();
+      body = serialize(too_big);
     }
     connection_->send(h, std::move(body));
   }
 
   bool push_message(std::uint32_t program, std::uint32_t version, std::uint32_t procedure,
-                    std::string body) override {
+                    Buffer body) override {
     if (body.size() > max_frame_.load(std::memory_order_relaxed)) {
       spdlog::error("dropping MESSAGE {}/{} of {} bytes for {}: over the negotiated maximum frame size", program,
                     procedure, body.size(), peer().address);
@@ -202,6 +205,7 @@ class Server::Impl::Session final : public FrameHandler,
 
   const PeerIdentity& peer() const override { return connection_->peer(); }
   void note_cancelled() override { server_->calls_cancelled_.fetch_add(1, std::memory_order_relaxed); }
+  BufferPool* pool() override { return &connection_->pool(); }
 
   std::vector<std::shared_ptr<detail::CallState>> calls() {
     std::lock_guard lock(mutex_);
@@ -219,7 +223,7 @@ class Server::Impl::Session final : public FrameHandler,
     ferry::v1::GoodbyeNotice bye;
     bye.set_reason(reason);
     bye.set_code(static_cast<ferry::v1::Code>(code));
-    push_message(Control::program, Control::version, Control::Goodbye::number, bye.SerializeAsString());
+    push_message(Control::program, Control::version, Control::Goodbye::number, serialize(bye));
     connection_->close_after_flush(Error(code, reason));
   }
 
@@ -230,7 +234,7 @@ class Server::Impl::Session final : public FrameHandler,
     Header h = call;
     h.type = FrameType::reply;
     h.status = FrameStatus::error;
-    connection_->send(h, error.to_proto().SerializeAsString());
+    connection_->send(h, serialize(error.to_proto()));
   }
 
   void protocol_error(const std::string& why) {
@@ -362,7 +366,7 @@ class Server::Impl::Session final : public FrameHandler,
         Header r = h;
         r.type = FrameType::reply;
         r.status = FrameStatus::ok;
-        connection_->send(r, reply.SerializeAsString());
+        connection_->send(r, serialize(reply));
         spdlog::debug("client {} ({}) said hello as '{}'", peer().address, peer().transport, client_name_);
         return;
       }
@@ -373,14 +377,14 @@ class Server::Impl::Session final : public FrameHandler,
         Header r = h;
         r.type = FrameType::reply;
         r.status = FrameStatus::ok;
-        connection_->send(r, pong.SerializeAsString());
+        connection_->send(r, serialize(pong));
         return;
       }
       case Control::AuthList::number: {
         ferry::v1::AuthListReply reply;  // no authentication configured: empty list
         Header r = h;
         r.type = FrameType::reply;
-        connection_->send(r, reply.SerializeAsString());
+        connection_->send(r, serialize(reply));
         return;
       }
       case Control::SaslStart::number:
@@ -409,6 +413,7 @@ void Server::Impl::accept_connection(std::unique_ptr<Transport> transport) {
   copts.keepalive_interval = options_.keepalive_interval;
   copts.keepalive_count = options_.keepalive_count;
   copts.socket_buffer_bytes = options_.socket_buffer_bytes;
+  copts.pool = pool_;
   auto connection = std::make_shared<Connection>(std::move(transport), copts);
   auto session = std::make_shared<Session>(this, connection);
   bool refuse = false;

@@ -300,7 +300,7 @@ TEST_P(RpcTest, UnknownProgramProcedureAndVersionAreUnimplementedAndTheConnectio
       };
       auto raw = std::make_unique<Raw>();
       auto fut = raw->p.get_future();
-      client.start_call(program, version, procedure, "", {}, std::move(raw));
+      client.start_call(program, version, procedure, rpc::Buffer{}, {}, std::move(raw));
       auto r = fut.get();
       if (r.error) throw *r.error;
     });

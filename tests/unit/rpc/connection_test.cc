@@ -119,7 +119,7 @@ TEST(Connection, WriterSendsControlFramesAheadOfQueuedBulkData) {
   IoThreads io(1);
   Pair pair(io);
   for (int i = 0; i < 8; ++i) pair.connection->send(bulk_frame(1, 64 << 10), Lane::bulk);
-  pair.connection->send({99, 1, 1, FrameType::reply, 2, FrameStatus::ok}, "reply", Lane::control);
+  pair.connection->send({99, 1, 1, FrameType::reply, 2, FrameStatus::ok}, Buffer::copy_of("reply"), Lane::control);
   pair.connection->start(pair.handler);
   auto frames = pair.read_frames(9);
   ASSERT_EQ(frames.size(), 9u);
@@ -127,11 +127,40 @@ TEST(Connection, WriterSendsControlFramesAheadOfQueuedBulkData) {
   for (std::size_t i = 1; i < frames.size(); ++i) EXPECT_EQ(frames[i].header.type, FrameType::data_chunk);
 }
 
+TEST(Connection, WriterTakesBulkFramesFromStreamsInTurn) {
+  IoThreads io(1);
+  Pair pair(io);
+  for (int i = 0; i < 4; ++i) pair.connection->send(bulk_frame(1, 1024), Lane::bulk);
+  for (int i = 0; i < 4; ++i) pair.connection->send(bulk_frame(3, 1024), Lane::bulk);
+  pair.connection->start(pair.handler);
+  auto frames = pair.read_frames(8);
+  ASSERT_EQ(frames.size(), 8u);
+  std::vector<Serial> order;
+  for (auto& f : frames) order.push_back(f.header.serial);
+  EXPECT_EQ(order, (std::vector<Serial>{1, 3, 1, 3, 1, 3, 1, 3}));
+}
+
+TEST(Connection, DroppingAStreamRemovesOnlyItsQueuedFrames) {
+  IoThreads io(1);
+  Pair pair(io);
+  for (int i = 0; i < 4; ++i) pair.connection->send(bulk_frame(1, 1024), Lane::bulk);
+  for (int i = 0; i < 2; ++i) pair.connection->send(bulk_frame(3, 1024), Lane::bulk);
+  EXPECT_EQ(pair.connection->drop_bulk(1), 4u);
+  EXPECT_EQ(pair.connection->drop_bulk(1), 0u);
+  EXPECT_EQ(pair.connection->queued_frames(), 2u);
+  pair.connection->start(pair.handler);
+  auto frames = pair.read_frames(2);
+  ASSERT_EQ(frames.size(), 2u);
+  EXPECT_EQ(frames[0].header.serial, 3u);
+  EXPECT_EQ(frames[1].header.serial, 3u);
+  EXPECT_EQ(pair.read_frames(1, 200ms).size(), 0u);
+}
+
 TEST(Connection, WriterGathersManyQueuedFramesIntoFewWrites) {
   IoThreads io(1);
   Pair pair(io);
   for (Serial s = 1; s <= 1000; ++s)
-    pair.connection->send({99, 1, 1, FrameType::reply, s, FrameStatus::ok}, "small reply body");
+    pair.connection->send({99, 1, 1, FrameType::reply, s, FrameStatus::ok}, Buffer::copy_of("small reply body"));
   pair.connection->start(pair.handler);
   auto frames = pair.read_frames(1000);
   ASSERT_EQ(frames.size(), 1000u);
@@ -201,7 +230,7 @@ TEST(Connection, ProtocolErrorClosesOnceAndDropsQueuedFrames) {
   pair.connection->close(Error(Code::unavailable, "again"));
   std::this_thread::sleep_for(50ms);
   EXPECT_EQ(pair.handler->closes(), 1);
-  EXPECT_FALSE(pair.connection->send({99, 1, 1, FrameType::reply, 1, FrameStatus::ok}, "x"));
+  EXPECT_FALSE(pair.connection->send({99, 1, 1, FrameType::reply, 1, FrameStatus::ok}, Buffer::copy_of("x")));
   EXPECT_TRUE(pair.connection->closed());
 }
 
