@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "ferry/v1/test.ferry.h"
+#include "stream/checksum.h"
+#include "stream/service.h"
 
 namespace ferry::daemon {
 
@@ -83,6 +85,65 @@ std::shared_ptr<rpc::Program> make_test_program(const rpc::Server& server) {
     reply.set_calls_in_flight(stats.calls_in_flight);
     reply.set_handlers_cancelled(stats.calls_cancelled);
     reply.set_clients(static_cast<std::uint32_t>(stats.clients));
+    co_return reply;
+  });
+
+  stream::on<Test::Upload>(*program, [](const UploadCall& call, stream::Stream& s,
+                                         rpc::CallContext& ctx) -> asio::awaitable<UploadReply> {
+    if (call.stall_ms()) {
+      // A reader that does not read: the sender must stop at the window.
+      asio::steady_timer timer(ctx.executor(), std::chrono::milliseconds(call.stall_ms()));
+      co_await timer.async_wait(asio::use_awaitable);
+    }
+    stream::Checksum sum;
+    UploadReply reply;
+    for (;;) {
+      stream::Item item = co_await s.read();
+      if (item.kind == stream::Item::Kind::end) break;
+      if (item.kind == stream::Item::Kind::hole) {
+        sum.hole(item.length);
+      } else {
+        sum.data(item.data.bytes());
+        reply.set_chunks(reply.chunks() + 1);
+      }
+      if (call.fail_after() && sum.data_bytes() + sum.hole_bytes() >= call.fail_after())
+        throw Error(static_cast<Code>(call.fail_code() ? call.fail_code() : ferry::v1::RESOURCE_EXHAUSTED),
+                    "simulated failure after " + std::to_string(call.fail_after()) + " bytes", "test");
+    }
+    reply.set_data_bytes(sum.data_bytes());
+    reply.set_hole_bytes(sum.hole_bytes());
+    reply.set_checksum(sum.value());
+    co_return reply;
+  });
+
+  stream::on<Test::Download>(*program, [](const DownloadCall& call, stream::Stream& s,
+                                           rpc::CallContext& ctx) -> asio::awaitable<DownloadReply> {
+    const std::uint64_t block = call.block() ? call.block() : 256u << 10;
+    stream::Checksum sum;
+    std::uint64_t offset = 0;
+    std::uint64_t index = 0;
+    auto& pool = ctx.pool();
+    while (offset < call.size()) {
+      const std::uint64_t n = std::min(block, call.size() - offset);
+      if (call.fail_after() && offset >= call.fail_after())
+        throw Error(static_cast<Code>(call.fail_code() ? call.fail_code() : ferry::v1::RESOURCE_EXHAUSTED),
+                    "simulated failure after " + std::to_string(call.fail_after()) + " bytes", "test");
+      if (call.hole_every() && index % call.hole_every() == call.hole_every() - 1) {
+        co_await s.write_hole(n);
+        sum.hole(n);
+      } else {
+        rpc::Buffer buffer = pool.get(n);
+        stream::fill_pattern({buffer.data(), buffer.size()}, call.seed(), offset);
+        sum.data(buffer.span());
+        co_await s.write(std::move(buffer));
+      }
+      offset += n;
+      ++index;
+    }
+    DownloadReply reply;
+    reply.set_data_bytes(sum.data_bytes());
+    reply.set_hole_bytes(sum.hole_bytes());
+    reply.set_checksum(sum.value());
     co_return reply;
   });
 

@@ -56,7 +56,8 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
       : connection_(std::move(connection)), executor_(connection_->get_executor()), options_(std::move(options)) {}
 
   Serial start(std::uint32_t program, std::uint32_t version, std::uint32_t procedure, Buffer body,
-               CallOptions options, std::unique_ptr<CallCompletion> done) {
+               CallOptions options, std::unique_ptr<CallCompletion> done, StreamFactory make_stream) {
+    std::shared_ptr<StreamSink> stream;
     Pending pending;
     pending.done = std::move(done);
     pending.program = program;
@@ -87,9 +88,14 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
         if (options.timeout) pending.timer = std::make_unique<asio::steady_timer>(executor_, *options.timeout);
         pending.timeout = options.timeout;
         pending_.emplace(serial, std::move(pending));
+        if (make_stream) {
+          stream = make_stream(serial);
+          streams_[serial] = stream;
+        }
       }
     }
     if (refused) {
+      if (make_stream) make_stream(serial)->on_connection_closed(*refused);
       pending.done->complete(RawResult{std::move(*refused), {}});
       return serial;
     }
@@ -200,6 +206,18 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
       case FrameType::message:
         on_message(header, body);
         return;
+      case FrameType::data_chunk:
+      case FrameType::stream_hole:
+      case FrameType::stream_credit: {
+        std::shared_ptr<StreamSink> sink;
+        {
+          std::lock_guard lock(mutex_);
+          auto it = streams_.find(header.serial);
+          if (it != streams_.end()) sink = it->second;
+        }
+        if (sink) sink->on_stream_frame(header, std::move(body));
+        return;
+      }
       default:
         spdlog::debug("client: ignoring {} frame for serial {}", to_string(header.type), header.serial);
         return;
@@ -226,13 +244,16 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
 
   void on_close(const Error& reason) override {
     std::unordered_map<Serial, Pending> pending;
+    std::unordered_map<Serial, std::shared_ptr<StreamSink>> streams;
     Error why = reason;
     {
       std::lock_guard lock(mutex_);
       if (goodbye_) why = *goodbye_;
       closed_reason_ = why;
       pending.swap(pending_);
+      streams.swap(streams_);
     }
+    for (auto& [serial, s] : streams) s->on_connection_closed(why);
     for (auto& [serial, p] : pending) {
       if (p.timer) p.timer->cancel();
       if (p.cancel && p.watch_id) p.cancel->forget(p.watch_id);
@@ -283,12 +304,20 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
   std::optional<Error> closed_reason_;
   std::optional<Error> goodbye_;
   std::map<std::pair<std::uint32_t, std::uint32_t>, std::function<void(const Buffer&)>> message_handlers_;
+
+ public:
+  std::unordered_map<Serial, std::shared_ptr<StreamSink>> streams_;  // guarded by mutex_
+  void detach(Serial serial) {
+    std::lock_guard lock(mutex_);
+    streams_.erase(serial);
+  }
 };
 
 Serial start_call(const std::shared_ptr<ClientCore>& core, std::uint32_t program, std::uint32_t version,
                   std::uint32_t procedure, Buffer body, CallOptions options,
-                  std::unique_ptr<CallCompletion> done) {
-  return core->start(program, version, procedure, std::move(body), std::move(options), std::move(done));
+                  std::unique_ptr<CallCompletion> done, StreamFactory make_stream) {
+  return core->start(program, version, procedure, std::move(body), std::move(options), std::move(done),
+                     std::move(make_stream));
 }
 
 void cancel_call(const std::weak_ptr<ClientCore>& weak, Serial serial) {
@@ -363,6 +392,13 @@ ConnectionStats Client::stats() const { return core_->connection_->stats(); }
 std::size_t Client::calls_in_flight() const { return core_->in_flight(); }
 asio::any_io_executor Client::executor() const { return core_->executor_; }
 std::shared_ptr<Connection> Client::connection() const { return core_->connection_; }
+void Client::detach_stream(Serial serial) { core_->detach(serial); }
+StreamLimits Client::stream_limits() const {
+  StreamLimits l;
+  if (core_->server_.window) l.window = core_->server_.window;
+  if (core_->server_.limits.max_chunk) l.chunk_size = core_->server_.limits.max_chunk;
+  return l;
+}
 
 void Client::set_message_handler(std::uint32_t program, std::uint32_t procedure,
                                  std::function<void(const Buffer&)> handler) {

@@ -41,6 +41,7 @@
 #include "rpc/call_options.h"
 #include "rpc/connection.h"
 #include "rpc/error.h"
+#include "rpc/stream_sink.h"
 
 namespace ferry::rpc {
 
@@ -74,9 +75,11 @@ class CallCompletion {
 };
 
 class ClientCore;
+// Makes the sink for a stream-opening call once its serial is known.
+using StreamFactory = std::function<std::shared_ptr<StreamSink>(Serial)>;
 Serial start_call(const std::shared_ptr<ClientCore>& core, std::uint32_t program, std::uint32_t version,
                   std::uint32_t procedure, Buffer body, CallOptions options,
-                  std::unique_ptr<CallCompletion> done);
+                  std::unique_ptr<CallCompletion> done, StreamFactory make_stream = nullptr);
 void cancel_call(const std::weak_ptr<ClientCore>& core, Serial serial);
 asio::any_io_executor core_executor(ClientCore& core);
 BufferPool* core_pool(ClientCore& core);
@@ -185,11 +188,16 @@ class Client {
 
   // Raw form: program/version/procedure and serialized body. Returns the
   // serial; `done` runs exactly once.
+  // With `stream`, the call opens a stream: its frames go to the sink from
+  // before the CALL is sent until detach_stream().
   Serial start_call(std::uint32_t program, std::uint32_t version, std::uint32_t procedure, Buffer body,
-                    CallOptions options, std::unique_ptr<detail::CallCompletion> done) {
+                    CallOptions options, std::unique_ptr<detail::CallCompletion> done,
+                    detail::StreamFactory make_stream = nullptr) {
     return detail::start_call(core_, program, version, procedure, std::move(body), std::move(options),
-                              std::move(done));
+                              std::move(done), std::move(make_stream));
   }
+  void detach_stream(Serial serial);
+  StreamLimits stream_limits() const;
   void set_message_handler(std::uint32_t program, std::uint32_t procedure,
                            std::function<void(const Buffer&)> handler);
 

@@ -39,11 +39,15 @@
 #include <type_traits>
 
 #include "rpc/buffer.h"
+#include "rpc/connection.h"
 #include "rpc/error.h"
 #include "rpc/frame.h"
+#include "rpc/stream_sink.h"
 #include "rpc/transport.h"
 
 namespace ferry::rpc {
+
+class Connection;
 
 namespace detail {
 
@@ -52,12 +56,20 @@ namespace detail {
 class CallSink {
  public:
   virtual ~CallSink() = default;
-  virtual void finish_call(const Header& call, FrameStatus status, Buffer body) = 0;
+  // `lane`: bulk for the final REPLY of a stream, so it follows the
+  // stream's last chunk instead of overtaking it.
+  virtual void finish_call(const Header& call, FrameStatus status, Buffer body, Lane lane) = 0;
   virtual bool push_message(std::uint32_t program, std::uint32_t version, std::uint32_t procedure,
                             Buffer body) = 0;
   virtual const PeerIdentity& peer() const = 0;
   virtual void note_cancelled() = 0;
   virtual BufferPool* pool() = 0;
+  // Streams: the connection, what Hello negotiated, and routing of this
+  // serial's stream frames to a sink until detached.
+  virtual std::shared_ptr<Connection> connection() = 0;
+  virtual StreamLimits stream_limits() const = 0;
+  virtual void attach_stream(Serial serial, std::shared_ptr<StreamSink> sink) = 0;
+  virtual void detach_stream(Serial serial) = 0;
 };
 
 // Shared by the dispatcher, the handler's context/token and the CANCEL path.
@@ -69,13 +81,14 @@ struct CallState {
   asio::cancellation_signal signal;    // emitted on `executor` only
   std::atomic<bool> finished{false};
   std::atomic<bool> cancel_requested{false};
+  Lane reply_lane = Lane::control;     // set before the handler starts
   std::mutex mutex;                    // guards on_cancel
   std::function<void()> on_cancel;
 
   // First answer wins; later ones are dropped (cancel/shutdown races).
   bool finish(FrameStatus status, Buffer body) {
     if (finished.exchange(true)) return false;
-    sink->finish_call(header, status, std::move(body));
+    sink->finish_call(header, status, std::move(body), reply_lane);
     return true;
   }
   bool finish_ok(const google::protobuf::MessageLite& reply) {
@@ -100,6 +113,8 @@ class CallContext {
   Serial serial() const { return state_->header.serial; }
   bool cancelled() const { return state_->cancel_requested.load(); }
   asio::any_io_executor executor() const { return state_->executor; }
+  // Recycled buffers for large replies and stream chunks.
+  BufferPool& pool() const { return *state_->sink->pool(); }
 
   // Pushes a MESSAGE of procedure P to the client that made this call.
   template <class P>
@@ -251,6 +266,10 @@ class Program {
     entries_[P::number] = std::move(entry);
     return *this;
   }
+
+  // Registers a prepared entry; used by layers above (stream/) that build
+  // their own handler shapes.
+  void add_entry(std::uint32_t procedure, Entry entry) { entries_[procedure] = std::move(entry); }
 
   const Entry* find(std::uint32_t procedure) const {
     auto it = entries_.find(procedure);

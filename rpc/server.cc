@@ -14,6 +14,7 @@
 #include <asio/thread_pool.hpp>
 #include <asio/use_awaitable.hpp>
 #include <condition_variable>
+#include <deque>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -144,19 +145,22 @@ class Server::Impl::Session final : public FrameHandler,
         protocol_error("client sent a REPLY (serial " + std::to_string(header.serial) + "); clients only call");
         return;
       default:
-        protocol_error(std::string(to_string(header.type)) + " for serial " + std::to_string(header.serial) +
-                       ", which opened no stream");
+        on_stream_frame(header, std::move(body));
         return;
     }
   }
 
   void on_close(const Error& reason) override {
     std::vector<std::shared_ptr<detail::CallState>> calls;
+    std::vector<std::shared_ptr<StreamSink>> streams;
     {
       std::lock_guard lock(mutex_);
       closed_ = true;
       for (auto& [serial, state] : calls_) calls.push_back(state);
+      for (auto& [serial, sink] : streams_) streams.push_back(sink);
+      streams_.clear();
     }
+    for (auto& s : streams) s->on_connection_closed(reason);
     if (!calls.empty())
       spdlog::info("client {} gone with {} calls in flight ({}); cancelling them", peer().address, calls.size(),
                    reason.message());
@@ -167,7 +171,7 @@ class Server::Impl::Session final : public FrameHandler,
   }
 
   // CallSink
-  void finish_call(const Header& call, FrameStatus status, Buffer body) override {
+  void finish_call(const Header& call, FrameStatus status, Buffer body, Lane lane) override {
     {
       std::lock_guard lock(mutex_);
       if (calls_.erase(call.serial) == 0) return;
@@ -189,7 +193,7 @@ class Server::Impl::Session final : public FrameHandler,
                  .to_proto();
       body = serialize(too_big);
     }
-    connection_->send(h, std::move(body));
+    connection_->send(h, std::move(body), lane);
   }
 
   bool push_message(std::uint32_t program, std::uint32_t version, std::uint32_t procedure,
@@ -206,6 +210,29 @@ class Server::Impl::Session final : public FrameHandler,
   const PeerIdentity& peer() const override { return connection_->peer(); }
   void note_cancelled() override { server_->calls_cancelled_.fetch_add(1, std::memory_order_relaxed); }
   BufferPool* pool() override { return &connection_->pool(); }
+  std::shared_ptr<Connection> connection() override { return connection_; }
+  StreamLimits stream_limits() const override {
+    std::lock_guard lock(mutex_);
+    return stream_limits_;
+  }
+  void attach_stream(Serial serial, std::shared_ptr<StreamSink> sink) override {
+    bool closed;
+    {
+      std::lock_guard lock(mutex_);
+      closed = closed_;
+      if (!closed) streams_[serial] = sink;
+    }
+    if (closed) sink->on_connection_closed(Error(Code::unavailable, "connection closed"));
+  }
+  void detach_stream(Serial serial) override {
+    std::lock_guard lock(mutex_);
+    if (streams_.erase(serial)) {
+      // Frames the peer sent before it learnt the stream ended are dropped
+      // quietly; anything for a serial never seen stays a protocol error.
+      recently_closed_.push_back(serial);
+      if (recently_closed_.size() > 1024) recently_closed_.pop_front();
+    }
+  }
 
   std::vector<std::shared_ptr<detail::CallState>> calls() {
     std::lock_guard lock(mutex_);
@@ -314,14 +341,37 @@ class Server::Impl::Session final : public FrameHandler,
     }
   }
 
+  void on_stream_frame(const Header& h, Buffer body) {
+    std::shared_ptr<StreamSink> sink;
+    bool recent = false;
+    {
+      std::lock_guard lock(mutex_);
+      auto it = streams_.find(h.serial);
+      if (it != streams_.end())
+        sink = it->second;
+      else
+        recent = std::find(recently_closed_.begin(), recently_closed_.end(), h.serial) != recently_closed_.end();
+    }
+    if (sink) {
+      sink->on_stream_frame(h, std::move(body));
+    } else if (!recent) {
+      protocol_error(std::string(to_string(h.type)) + " for serial " + std::to_string(h.serial) +
+                     ", which opened no stream");
+    }
+  }
+
   void on_cancel(const Header& h) {
     std::shared_ptr<detail::CallState> state;
+    std::shared_ptr<StreamSink> stream;
     {
       std::lock_guard lock(mutex_);
       auto it = calls_.find(h.serial);
       if (it == calls_.end()) return;  // already answered: a no-op by design
       state = it->second;
+      auto sit = streams_.find(h.serial);
+      if (sit != streams_.end()) stream = sit->second;
     }
+    if (stream) stream->on_call_cancelled();
     detail::request_cancel(state);
   }
 
@@ -362,6 +412,11 @@ class Server::Impl::Session final : public FrameHandler,
         client_name_ = hello.client_name();
         connection_->set_limits(negotiated);
         max_frame_.store(negotiated.max_frame, std::memory_order_relaxed);
+        {
+          std::lock_guard lock(mutex_);
+          stream_limits_.window = reply.window();
+          stream_limits_.chunk_size = negotiated.max_chunk;
+        }
         hello_done_ = true;
         Header r = h;
         r.type = FrameType::reply;
@@ -398,7 +453,10 @@ class Server::Impl::Session final : public FrameHandler,
   }
 
   Impl* server_;
-  std::mutex mutex_;
+  mutable std::mutex mutex_;
+  std::unordered_map<Serial, std::shared_ptr<StreamSink>> streams_;
+  std::deque<Serial> recently_closed_;
+  StreamLimits stream_limits_;
   std::unordered_map<Serial, std::shared_ptr<detail::CallState>> calls_;
   bool closed_ = false;
   bool hello_done_ = false;  // strand only
