@@ -124,6 +124,28 @@ int serve_raw_echo(const std::string& listen) { return serve_forever(listen, ech
 
 int serve_raw_sink(const std::string& listen) { return serve_forever(listen, sink_connection); }
 
+// The reverse of the sink: read an 8-byte total, then write that many bytes
+// as 256 KiB bodies with a 28-byte header each.
+void source_connection(Fd fd) {
+  std::vector<unsigned char> body(body_chunk_bytes);
+  for (std::size_t i = 0; i < body.size(); ++i) body[i] = static_cast<unsigned char>(i * 131 + 7);
+  unsigned char head[frame_overhead_bytes];
+  for (;;) {
+    unsigned char req[8];
+    if (!read_exact(fd.get(), req, sizeof req)) return;
+    uint64_t left = get_be64(req);
+    while (left > 0) {
+      std::size_t n = left < body.size() ? static_cast<std::size_t>(left) : body.size();
+      fill_frame_head(head, n, type_data_chunk, 1, status_continue);
+      iovec iov[2] = {{head, sizeof head}, {body.data(), n}};
+      writev_all(fd.get(), iov, 2);
+      left -= n;
+    }
+  }
+}
+
+int serve_raw_source(const std::string& listen) { return serve_forever(listen, source_connection); }
+
 Measurement raw_echo_seq(const CaseOptions& options) {
   ScratchDir dir;
   std::string listen = server_address(options, dir, "echo.sock", false);
@@ -175,15 +197,41 @@ Measurement raw_echo_seq(const CaseOptions& options) {
               std::to_string(frame_bytes) + " B each way, blocking read/write"};
 }
 
-Measurement raw_body(const CaseOptions& options, bool tcp) {
+Measurement raw_body(const CaseOptions& options, bool tcp) { return raw_send(options, tcp, body_total_bytes(options.quick)); }
+
+Measurement raw_download(const CaseOptions& options, bool tcp, uint64_t payload_total) {
+  ScratchDir dir;
+  std::string listen = server_address(options, dir, "source.sock", tcp);
+  ChildProcess server = spawn_server({self_exe(), "serve-raw-source", "--listen", listen}, options.server_netns);
+  Fd fd = connect_to(Address::parse(server.ready_info()));
+  std::vector<unsigned char> buf(body_chunk_bytes + frame_overhead_bytes);
+  auto start = Clock::now();
+  unsigned char req[8];
+  put_be64(req, payload_total);
+  write_all(fd.get(), req, sizeof req);
+  uint64_t left = payload_total + (payload_total + body_chunk_bytes - 1) / body_chunk_bytes * frame_overhead_bytes;
+  while (left > 0) {
+    ssize_t n = ::read(fd.get(), buf.data(), std::min<uint64_t>(left, buf.size()));
+    if (n <= 0) {
+      if (n < 0 && errno == EINTR) continue;
+      throw std::runtime_error("source closed early");
+    }
+    left -= static_cast<uint64_t>(n);
+  }
+  double elapsed = seconds_since(start);
+  server.stop();
+  return {static_cast<double>(payload_total) / 1e6 / elapsed, "MB/s",
+          std::string(tcp ? "raw tcp" : "raw unix") + ", server writes 256 KiB bodies (+28 B header), client reads into a 256 KiB buffer"};
+}
+
+Measurement raw_send(const CaseOptions& options, bool tcp, uint64_t payload_total) {
   ScratchDir dir;
   std::string listen = server_address(options, dir, "sink.sock", tcp);
   ChildProcess server =
       spawn_server({self_exe(), "serve-raw-sink", "--listen", listen}, options.server_netns);
   Fd fd = connect_to(Address::parse(server.ready_info()));
 
-  const uint64_t payload_total = body_total_bytes(options.quick);
-  const uint64_t frames = payload_total / body_chunk_bytes;
+  const uint64_t frames = (payload_total + body_chunk_bytes - 1) / body_chunk_bytes;
   std::vector<unsigned char> body(body_chunk_bytes);
   for (std::size_t i = 0; i < body.size(); ++i) body[i] = static_cast<unsigned char>(i * 131 + 7);
   unsigned char head[frame_overhead_bytes];

@@ -6,6 +6,7 @@
 // service written the way its documentation teaches, at default settings.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 #include "bench/ferry_cases.h"
@@ -17,6 +18,10 @@ Measurement raw_echo_seq(const CaseOptions& options);
 // rpc.body.unix / rpc.body.tcp: 256 KiB bodies with a 28-byte header each,
 // written with writev, until the sink acknowledges the last byte.
 Measurement raw_body(const CaseOptions& options, bool tcp);
+// The same with a chosen number of payload bytes (rounded up to bodies).
+Measurement raw_send(const CaseOptions& options, bool tcp, uint64_t payload_total);
+// stream.download.*: the server writes 256 KiB bodies, the client reads.
+Measurement raw_download(const CaseOptions& options, bool tcp, uint64_t payload_total);
 // rpc.echo.inflight128: gRPC unary Echo with `inflight` calls outstanding on
 // one channel. Throws Unavailable when built without gRPC.
 Measurement grpc_echo_inflight(const CaseOptions& options, int inflight);
@@ -25,6 +30,7 @@ Measurement grpc_echo_inflight(const CaseOptions& options, int inflight);
 // address a client should use, and serves until killed.
 int serve_raw_echo(const std::string& listen);
 int serve_raw_sink(const std::string& listen);
+int serve_raw_source(const std::string& listen);
 // `listen` is "unix:PATH", "HOST:PORT" or "tcp:HOST:PORT"; port 0 picks one.
 int serve_grpc(const std::string& listen);
 

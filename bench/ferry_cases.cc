@@ -12,7 +12,13 @@
 #include <future>
 #include <thread>
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include "bench/baselines.h"
 #include "bench/harness.h"
+#include "stream/service.h"
+#include "stream/sparse.h"
 #include "ferry/v1/test.ferry.h"
 #include "rpc/client.h"
 #include "rpc/io_threads.h"
@@ -189,6 +195,195 @@ Measurement ferry_duplex(const CaseOptions& options, bool half_duplex) {
   return {static_cast<double>(bytes) / secs / 1e6, "MB/s",
           std::string(half_duplex ? "half duplex" : "full duplex") +
               ": 2 MiB writes and 2 MiB reads mixed, 16 in flight, 256 KiB socket buffers, payload bytes"};
+}
+
+namespace {
+
+std::shared_ptr<const rpc::Buffer> pattern_block(std::size_t size) {
+  auto b = std::make_shared<rpc::Buffer>(size);
+  for (std::size_t i = 0; i < size; ++i) b->data()[i] = static_cast<std::uint8_t>(i * 131 + 7);
+  return b;
+}
+
+}  // namespace
+
+Measurement ferry_stream_upload(const CaseOptions& options, bool tcp, int streams) {
+  ScratchDir dir;
+  Ferryd server(options, listen_address(options, dir, tcp), dir);
+  rpc::IoThreads io(1);
+  Client client = Client::connect_sync(io.executor(), server.uri());
+  const std::uint64_t total = stream_total_bytes(options.quick);
+  const std::uint64_t per_stream = total / streams;
+  // The caller's buffer is sent by reference, 1 MiB at a time.
+  auto block = pattern_block(1 << 20);
+  ferry::test::v1::UploadCall call;
+  call.set_discard(true);
+  std::atomic<std::uint64_t> acknowledged{0};
+  auto start = Clock::now();
+  std::vector<std::future<void>> done;
+  for (int i = 0; i < streams; ++i) {
+    done.push_back(asio::co_spawn(
+        io.executor(),
+        [&]() -> asio::awaitable<void> {
+          auto up = stream::open<TestSvc::Upload>(client, call);
+          for (std::uint64_t sent = 0; sent < per_stream; sent += block->size()) co_await up.stream->write(block);
+          co_await up.stream->finish();
+          auto reply = co_await up.reply();
+          acknowledged += reply.data_bytes();
+        },
+        asio::use_future));
+  }
+  for (auto& f : done) f.get();
+  const double secs = seconds_since(start);
+  if (acknowledged.load() < total)
+    throw std::runtime_error("server acknowledged " + std::to_string(acknowledged.load()) + " of " + std::to_string(total) + " bytes");
+  return {static_cast<double>(acknowledged.load()) / secs / 1e6, "MB/s",
+          std::to_string(streams) + " upload stream(s) on one connection, 1 MiB writes by reference, "
+                                    "256 KiB chunks, server counts and drops"};
+}
+
+Measurement ferry_stream_download(const CaseOptions& options, bool tcp) {
+  ScratchDir dir;
+  Ferryd server(options, listen_address(options, dir, tcp), dir);
+  rpc::IoThreads io(1);
+  Client client = Client::connect_sync(io.executor(), server.uri());
+  ferry::test::v1::DownloadCall call;
+  call.set_size(stream_total_bytes(options.quick));
+  call.set_fast(true);
+  call.set_block(1 << 20);
+  std::uint64_t got = 0;
+  auto start = Clock::now();
+  asio::co_spawn(
+      io.executor(),
+      [&]() -> asio::awaitable<void> {
+        auto down = stream::open<TestSvc::Download>(client, call);
+        for (;;) {
+          stream::Item item = co_await down.stream->read();
+          if (item.kind == stream::Item::Kind::end) break;
+          got += item.length;  // the chunk goes back to the pool here
+        }
+        co_await down.reply();
+      },
+      asio::use_future)
+      .get();
+  const double secs = seconds_since(start);
+  if (got != call.size()) throw std::runtime_error("short download");
+  return {static_cast<double>(got) / secs / 1e6, "MB/s",
+          "one download stream, server sends a 1 MiB block by reference, client reads and drops 256 KiB chunks"};
+}
+
+Measurement ferry_call_p99(const CaseOptions& options, bool loaded) {
+  ScratchDir dir;
+  Ferryd server(options, listen_address(options, dir, false), dir);
+  rpc::IoThreads io(1);
+  Client client = Client::connect_sync(io.executor(), server.uri());
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> streamed{0};
+  std::future<void> load;
+  if (loaded) {
+    ferry::test::v1::DownloadCall call;
+    call.set_size(std::uint64_t{1} << 40);  // until we stop it
+    call.set_fast(true);
+    call.set_block(1 << 20);
+    load = asio::co_spawn(
+        io.executor(),
+        [&, call]() -> asio::awaitable<void> {
+          auto down = stream::open<TestSvc::Download>(client, call);
+          while (!stop.load()) {
+            stream::Item item = co_await down.stream->read();
+            streamed += item.length;
+          }
+          down.stream->abort(Error(Code::cancelled, "benchmark over"));
+          try {
+            co_await down.reply();
+          } catch (const Error&) {
+          }
+        },
+        asio::use_future);
+    std::this_thread::sleep_for(warmup_window());
+  }
+  // One small call every millisecond, each timed from issue to reply.
+  std::vector<double> latencies;
+  ferry::test::v1::EchoCall echo;
+  echo.set_payload(std::string(echo_payload_bytes, 'p'));
+  const auto window = measure_window(options.quick);
+  const std::uint64_t streamed_before = streamed.load();
+  const auto start = Clock::now();
+  while (Clock::now() - start < window) {
+    auto t = Clock::now();
+    client.call_future<TestSvc::Echo>(echo).get();
+    latencies.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t).count());
+    std::this_thread::sleep_until(t + std::chrono::milliseconds(1));
+  }
+  const double secs = seconds_since(start);
+  const double stream_mbs = static_cast<double>(streamed.load() - streamed_before) / secs / 1e6;
+  stop = true;
+  if (load.valid()) load.get();
+  std::sort(latencies.begin(), latencies.end());
+  auto pct = [&](double p) { return latencies[static_cast<std::size_t>(p * (latencies.size() - 1))]; };
+  char note[200];
+  std::snprintf(note, sizeof note, "%zu echo calls, p50 %.3f ms, p99 %.3f ms%s", latencies.size(), pct(0.5), pct(0.99),
+                loaded ? "" : ", idle connection");
+  std::string n = note;
+  if (loaded) n += ", next to a download stream at " + std::to_string(static_cast<int>(stream_mbs)) + " MB/s";
+  return {pct(0.99), "ms", n};
+}
+
+Measurement ferry_sparse_upload(const CaseOptions& options) {
+  ScratchDir dir;
+  // 10 GiB, ten 1 MiB extents of data spread across it, the rest a hole.
+  const std::string path = (dir.path() / "sparse.img").string();
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600);
+  if (fd < 0) throw std::runtime_error("cannot create " + path);
+  const std::uint64_t size = std::uint64_t{10} << 30;
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0) throw std::runtime_error("ftruncate failed");
+  auto block = pattern_block(1 << 20);
+  for (int i = 0; i < 10; ++i) {
+    const off_t at = static_cast<off_t>((size / 10) * i + (i * 4096));
+    if (::pwrite(fd, block->data(), block->size(), at) != static_cast<ssize_t>(block->size()))
+      throw std::runtime_error("pwrite failed");
+  }
+  ::fsync(fd);
+  Ferryd server(options, listen_address(options, dir, false), dir);
+  rpc::IoThreads io(1);
+  Client client = Client::connect_sync(io.executor(), server.uri());
+  ferry::test::v1::UploadCall call;
+  call.set_discard(true);
+  const std::size_t chunk = client.stream_limits().chunk_size;
+  auto start = Clock::now();
+  ferry::test::v1::UploadReply reply;
+  asio::co_spawn(
+      io.executor(),
+      [&]() -> asio::awaitable<void> {
+        auto up = stream::open<TestSvc::Upload>(client, call);
+        stream::SparseReader reader(fd, 0, size, chunk);
+        for (;;) {
+          rpc::Buffer buffer = client.connection()->pool().get(chunk);
+          auto item = reader.next({buffer.data(), buffer.size()});
+          if (!item) break;
+          if (item->hole) {
+            co_await up.stream->write_hole(item->length);
+          } else {
+            rpc::Buffer piece = std::move(buffer);
+            if (item->length < piece.size()) piece = rpc::Buffer::copy_of(std::span<const std::uint8_t>(piece.data(), item->length));
+            co_await up.stream->write(std::move(piece));
+          }
+        }
+        co_await up.stream->finish();
+        reply = co_await up.reply();
+      },
+      asio::use_future)
+      .get();
+  const double secs = seconds_since(start);
+  ::close(fd);
+  if (reply.data_bytes() + reply.hole_bytes() != size) throw std::runtime_error("sparse upload lost bytes");
+  return {secs, "s",
+          "10 GiB file, 10 MiB of data in 1 MiB extents: SEEK_DATA/SEEK_HOLE reader, holes as STREAM_HOLE frames"};
+}
+
+Measurement raw_send_seconds(const CaseOptions& options, uint64_t bytes) {
+  Measurement m = raw_send(options, false, bytes);
+  return {static_cast<double>(bytes) / 1e6 / m.value, "s", "raw unix socket sending the 10 MiB of data alone"};
 }
 
 }  // namespace ferry::bench

@@ -51,5 +51,17 @@ Measurement ferry_body(const CaseOptions&, bool tcp);
 // rpc.duplex: MB/s of mixed traffic; the baseline side of the row is this
 // same function with half_duplex = true.
 Measurement ferry_duplex(const CaseOptions&, bool half_duplex);
+// stream.upload.* / stream.upload4.unix: `streams` concurrent upload streams
+// on one connection, memory to memory, aggregate MB/s.
+Measurement ferry_stream_upload(const CaseOptions&, bool tcp, int streams);
+// stream.download.*: one download stream, memory to memory, MB/s.
+Measurement ferry_stream_download(const CaseOptions&, bool tcp);
+// stream.call_p99_under_load: p99 ms of small echo calls, with one download
+// stream saturating the connection (loaded) or not (the baseline).
+Measurement ferry_call_p99(const CaseOptions&, bool loaded);
+// stream.sparse10g: seconds to upload a 10 GiB file holding 10 MiB of data.
+Measurement ferry_sparse_upload(const CaseOptions&);
+// Its baseline: seconds to send the 10 MiB of data alone over a raw socket.
+Measurement raw_send_seconds(const CaseOptions&, uint64_t bytes);
 
 }  // namespace ferry::bench

@@ -52,6 +52,20 @@ const std::vector<Row>& rows() {
        [](const CaseOptions& o) { return raw_body(o, true); }},
       {"rpc.duplex", [](const CaseOptions& o) { return ferry_duplex(o, false); },
        [](const CaseOptions& o) { return ferry_duplex(o, true); }},
+      {"stream.upload.unix", [](const CaseOptions& o) { return ferry_stream_upload(o, false, 1); },
+       [](const CaseOptions& o) { return raw_send(o, false, stream_total_bytes(o.quick)); }},
+      {"stream.download.unix", [](const CaseOptions& o) { return ferry_stream_download(o, false); },
+       [](const CaseOptions& o) { return raw_download(o, false, stream_total_bytes(o.quick)); }},
+      {"stream.upload.tcp", [](const CaseOptions& o) { return ferry_stream_upload(o, true, 1); },
+       [](const CaseOptions& o) { return raw_send(o, true, stream_total_bytes(o.quick)); }},
+      {"stream.download.tcp", [](const CaseOptions& o) { return ferry_stream_download(o, true); },
+       [](const CaseOptions& o) { return raw_download(o, true, stream_total_bytes(o.quick)); }},
+      {"stream.upload4.unix", [](const CaseOptions& o) { return ferry_stream_upload(o, false, 4); },
+       [](const CaseOptions& o) { return raw_send(o, false, stream_total_bytes(o.quick)); }},
+      {"stream.call_p99_under_load", [](const CaseOptions& o) { return ferry_call_p99(o, true); },
+       [](const CaseOptions& o) { return ferry_call_p99(o, false); }},
+      {"stream.sparse10g", [](const CaseOptions& o) { return ferry_sparse_upload(o); },
+       [](const CaseOptions& o) { return raw_send_seconds(o, 10u << 20); }},
   };
   return table;
 }
@@ -170,6 +184,7 @@ int run(int argc, char** argv) {
   if (command == "measure") return measure(argc, argv);
   if (command == "serve-raw-echo") return serve(argc, argv, serve_raw_echo);
   if (command == "serve-raw-sink") return serve(argc, argv, serve_raw_sink);
+  if (command == "serve-raw-source") return serve(argc, argv, serve_raw_source);
   if (command == "serve-grpc") return serve(argc, argv, serve_grpc);
   if (command == "rows") {
     for (const Row& r : rows()) std::printf("%.*s\n", static_cast<int>(r.name.size()), r.name.data());

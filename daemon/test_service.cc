@@ -103,14 +103,17 @@ std::shared_ptr<rpc::Program> make_test_program(const rpc::Server& server) {
       if (item.kind == stream::Item::Kind::hole) {
         sum.hole(item.length);
       } else {
-        sum.data(item.data.bytes());
+        if (call.discard())
+          reply.set_data_bytes(reply.data_bytes() + item.length);
+        else
+          sum.data(item.data.bytes());
         reply.set_chunks(reply.chunks() + 1);
       }
       if (call.fail_after() && sum.data_bytes() + sum.hole_bytes() >= call.fail_after())
         throw Error(static_cast<Code>(call.fail_code() ? call.fail_code() : ferry::v1::RESOURCE_EXHAUSTED),
                     "simulated failure after " + std::to_string(call.fail_after()) + " bytes", "test");
     }
-    reply.set_data_bytes(sum.data_bytes());
+    if (!call.discard()) reply.set_data_bytes(sum.data_bytes());
     reply.set_hole_bytes(sum.hole_bytes());
     reply.set_checksum(sum.value());
     co_return reply;
@@ -123,6 +126,24 @@ std::shared_ptr<rpc::Program> make_test_program(const rpc::Server& server) {
     std::uint64_t offset = 0;
     std::uint64_t index = 0;
     auto& pool = ctx.pool();
+    if (call.fast()) {
+      // Memory to memory at full speed: one block, sent by reference.
+      auto shared = std::make_shared<rpc::Buffer>(block);
+      stream::fill_pattern({shared->data(), shared->size()}, call.seed(), 0);
+      std::shared_ptr<const rpc::Buffer> block_buffer = shared;
+      while (offset < call.size()) {
+        const std::uint64_t n = std::min(block, call.size() - offset);
+        if (n == block) {
+          co_await s.write(block_buffer);
+        } else {
+          co_await s.write(rpc::Buffer::copy_of(std::span<const std::uint8_t>(shared->data(), n)));
+        }
+        offset += n;
+      }
+      DownloadReply reply;
+      reply.set_data_bytes(offset);
+      co_return reply;
+    }
     while (offset < call.size()) {
       const std::uint64_t n = std::min(block, call.size() - offset);
       if (call.fail_after() && offset >= call.fail_after())

@@ -77,10 +77,9 @@ class ClientStream {
   std::shared_ptr<Stream> stream;
 
   // The opening call's REPLY (after the stream ended). Throws its error.
-  asio::awaitable<Reply> reply() {
-    co_await detail::wait_reply(shared_);
-    co_return detail::take_reply<Reply>(*shared_);
-  }
+  // The coroutine keeps its own reference to the answer, so it does not
+  // depend on this object outliving the co_await.
+  asio::awaitable<Reply> reply() { return reply_of(shared_); }
   Reply reply_sync() {
     detail::wait_reply_sync(shared_);
     return detail::take_reply<Reply>(*shared_);
@@ -89,6 +88,10 @@ class ClientStream {
   explicit ClientStream(std::shared_ptr<detail::ReplyShared> shared) : shared_(std::move(shared)) {}
 
  private:
+  static asio::awaitable<Reply> reply_of(std::shared_ptr<detail::ReplyShared> shared) {
+    co_await detail::wait_reply(shared);
+    co_return detail::take_reply<Reply>(*shared);
+  }
   std::shared_ptr<detail::ReplyShared> shared_;
 };
 

@@ -96,7 +96,10 @@ asio::awaitable<void> Stream::wait_until(Waiter& slot, std::function<bool()> rea
 asio::awaitable<void> Stream::write(rpc::Buffer data) {
   // One owner for every chunk cut from the caller's buffer: the writer keeps
   // it alive until the last piece is on the socket.
-  auto owner = std::make_shared<rpc::Buffer>(std::move(data));
+  co_await write(std::shared_ptr<const rpc::Buffer>(std::make_shared<rpc::Buffer>(std::move(data))));
+}
+
+asio::awaitable<void> Stream::write(std::shared_ptr<const rpc::Buffer> owner) {
   const std::size_t total = owner->size();
   std::size_t offset = 0;
   while (offset < total) {

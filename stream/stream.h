@@ -82,6 +82,9 @@ class Stream : public rpc::StreamSink, public std::enable_shared_from_this<Strea
   // Sends `data` (any size; split into chunks). Waits for credit. Throws the
   // stream's error once it has failed.
   asio::awaitable<void> write(rpc::Buffer data);
+  // The same from a shared buffer, which may be sent again (or be owned
+  // elsewhere): it stays alive until its last chunk is written.
+  asio::awaitable<void> write(std::shared_ptr<const rpc::Buffer> data);
   asio::awaitable<void> write_hole(std::uint64_t length);
   // Sends end of stream after everything written so far.
   asio::awaitable<void> finish();
