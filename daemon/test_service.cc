@@ -119,6 +119,27 @@ std::shared_ptr<rpc::Program> make_test_program(const rpc::Server& server) {
     co_return reply;
   });
 
+  stream::on<Test::Mirror>(*program, [](const UploadCall&, stream::Stream& s,
+                                         rpc::CallContext&) -> asio::awaitable<UploadReply> {
+    stream::Checksum sum;
+    for (;;) {
+      stream::Item item = co_await s.read();
+      if (item.kind == stream::Item::Kind::end) break;
+      if (item.kind == stream::Item::Kind::hole) {
+        sum.hole(item.length);
+        co_await s.write_hole(item.length);
+      } else {
+        sum.data(item.data.bytes());
+        co_await s.write(rpc::Buffer::copy_of(item.data.bytes()));
+      }
+    }
+    UploadReply reply;
+    reply.set_data_bytes(sum.data_bytes());
+    reply.set_hole_bytes(sum.hole_bytes());
+    reply.set_checksum(sum.value());
+    co_return reply;
+  });
+
   stream::on<Test::Download>(*program, [](const DownloadCall& call, stream::Stream& s,
                                            rpc::CallContext& ctx) -> asio::awaitable<DownloadReply> {
     const std::uint64_t block = call.block() ? call.block() : 256u << 10;

@@ -81,7 +81,7 @@ struct ConnectionOptions {
   int socket_buffer_bytes = 0;              // SO_SNDBUF/SO_RCVBUF; 0 = kernel autotuning
   std::shared_ptr<BufferPool> pool;         // for large bodies; null: the connection makes its own
   std::size_t read_buffer_size = 64 << 10;
-  std::size_t max_batch_bytes = 1 << 20;    // bulk bytes per write
+  std::size_t max_batch_bytes = 256 << 10;  // bulk bytes per write
 };
 
 struct ConnectionStats {

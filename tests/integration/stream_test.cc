@@ -2,6 +2,7 @@
 // interleaving with calls, and failure from either side.
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <random>
 #include <thread>
 
@@ -307,6 +308,81 @@ TEST_P(StreamTest, AbortRacingFinishLeavesNoStreamBehind) {
   }
   for (int i = 0; i < 200 && stats(client).calls_in_flight() > 1; ++i) std::this_thread::sleep_for(5ms);
   EXPECT_EQ(stats(client).calls_in_flight(), 1u);
+}
+
+TEST_P(StreamTest, BidirectionalStreamEchoesDataAndHolesWhileBothDirectionsFlow) {
+  FerrydProcess server;
+  Client client = connect(server);
+  auto mirror = stream::open<TestSvc::Mirror>(client, test::v1::UploadCall{});
+  stream::Checksum sent;
+  std::thread writer([&] {
+    for (int i = 0; i < 40; ++i) {
+      rpc::Buffer data = random_buffer(300000 + i, i);  // not a multiple of the chunk size
+      sent.data(data.span());
+      mirror.stream->write_sync(std::move(data));
+      if (i % 5 == 4) {
+        mirror.stream->write_hole_sync(1u << 20);
+        sent.hole(1u << 20);
+      }
+    }
+    mirror.stream->finish_sync();
+  });
+  stream::Checksum back = drain(*mirror.stream);  // reads while the writer writes
+  writer.join();
+  auto reply = mirror.reply_sync();
+  EXPECT_EQ(back.value(), sent.value());
+  EXPECT_EQ(reply.checksum(), sent.value());
+  EXPECT_EQ(back.hole_bytes(), 8u << 20);
+}
+
+TEST_P(StreamTest, DeadlineExpiryEndsTheStreamAndReleasesTheHandler) {
+  FerrydProcess server;
+  Client client = connect(server);
+  test::v1::UploadCall call;
+  call.set_stall_ms(60000);
+  auto up = stream::open<TestSvc::Upload>(client, call, rpc::with_timeout(200ms));
+  up.stream->write_sync(rpc::Buffer(1 << 20));
+  auto err = error_of([&] { up.reply_sync(); });
+  EXPECT_EQ(err.code(), Code::deadline_exceeded);
+  EXPECT_EQ(error_of([&] { up.stream->write_sync(rpc::Buffer(10)); }).code(), Code::deadline_exceeded);
+  for (int i = 0; i < 200 && stats(client).calls_in_flight() > 1; ++i) std::this_thread::sleep_for(5ms);
+  EXPECT_EQ(stats(client).calls_in_flight(), 1u) << "the server must have let go of the handler";
+  EXPECT_EQ(stats(client).handlers_cancelled(), 1u);
+}
+
+TEST_P(StreamTest, HalfAGibibyteEachWayArrivesIntact) {
+  FerrydProcess server;
+  Client client = connect(server);
+  // 512 MiB up (odd-sized writes), 512 MiB down, checksummed at both ends.
+  auto up = stream::open<TestSvc::Upload>(client, test::v1::UploadCall{});
+  stream::Checksum sent;
+  std::mt19937_64 rng(42);
+  std::uint64_t total = 0;
+  while (total < (512u << 20)) {
+    const std::size_t n = std::min<std::uint64_t>((512u << 20) - total, 1000003 + rng() % 4096);
+    rpc::Buffer data(n);
+    for (std::size_t i = 0; i < n; i += 8) {
+      const std::uint64_t v = rng();
+      std::memcpy(data.data() + i, &v, std::min<std::size_t>(8, n - i));
+    }
+    sent.data(data.span());
+    up.stream->write_sync(std::move(data));
+    total += n;
+  }
+  up.stream->finish_sync();
+  auto reply = up.reply_sync();
+  EXPECT_EQ(reply.data_bytes(), total);
+  EXPECT_EQ(reply.checksum(), sent.value());
+
+  test::v1::DownloadCall call;
+  call.set_size((512u << 20) + 77);
+  call.set_seed(99);
+  call.set_block(1000037);
+  auto down = stream::open<TestSvc::Download>(client, call);
+  auto got = drain(*down.stream);
+  auto dreply = down.reply_sync();
+  EXPECT_EQ(got.data_bytes(), call.size());
+  EXPECT_EQ(got.value(), dreply.checksum());
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, StreamTest, ::testing::Values(TransportKind::unix_socket, TransportKind::tcp),
