@@ -162,17 +162,8 @@ asio::awaitable<Item> Stream::read() {
   if (!queue_.empty()) {
     Item item = std::move(queue_.front());
     queue_.pop_front();
-    if (item.kind == Item::Kind::hole) {
-      // A hole is consumed as soon as it is read.
-      held_ -= hole_credit;
-      credit_owed_ += hole_credit;
-      if (!recv_ended_ && !error_ && (credit_owed_ >= limits_.window / 8 || queue_.empty())) {
-        auto body = rpc::encode_credit(static_cast<std::uint32_t>(credit_owed_));
-        credit_owed_ = 0;
-        send(FrameType::stream_credit, FrameStatus::ok, rpc::Buffer::copy_of(std::span<const std::uint8_t>(body)),
-             rpc::Lane::control);
-      }
-    }
+    // A hole is consumed as soon as it is read.
+    if (item.kind == Item::Kind::hole) grant_locked(hole_credit);
     co_return item;
   }
   if (recv_ended_) co_return Item{};
@@ -181,6 +172,10 @@ asio::awaitable<Item> Stream::read() {
 
 void Stream::released(std::size_t bytes) {
   std::lock_guard lock(mutex_);
+  grant_locked(bytes);
+}
+
+void Stream::grant_locked(std::uint64_t bytes) {
   held_ -= std::min<std::uint64_t>(held_, bytes);
   if (recv_ended_ || error_) return;
   credit_owed_ += bytes;

@@ -133,6 +133,9 @@ class Stream : public rpc::StreamSink, public std::enable_shared_from_this<Strea
   using Waiter = std::function<void()>;
 
   void released(std::size_t bytes);
+  // The consumer is done with `bytes` (a released chunk, a read hole):
+  // return them to the sender, batched. Caller holds mutex_.
+  void grant_locked(std::uint64_t bytes);
   void notify_peer_failure();
   // Suspends until `ready()` (checked under the mutex) holds.
   asio::awaitable<void> wait_until(Waiter& slot, std::function<bool()> ready);
