@@ -2,6 +2,10 @@
 
 #include <sys/socket.h>
 
+#include <array>
+#include <cstdint>
+#include <limits>
+
 #include <asio/connect.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/read.hpp>
@@ -61,6 +65,14 @@ asio::awaitable<IoResult> SocketTransport<Protocol>::read_some(asio::mutable_buf
 }
 
 template <class Protocol>
+asio::awaitable<IoResult> SocketTransport<Protocol>::read_some_split(asio::mutable_buffer body,
+                                                                      asio::mutable_buffer tail) {
+  std::array<asio::mutable_buffer, 2> buffers{body, tail};
+  auto [ec, n] = co_await socket_.async_read_some(buffers, use_tuple);
+  co_return IoResult{ec, n};
+}
+
+template <class Protocol>
 asio::awaitable<IoResult> SocketTransport<Protocol>::read_exact(asio::mutable_buffer buffer) {
   auto [ec, n] = co_await asio::async_read(socket_, buffer, use_tuple);
   co_return IoResult{ec, n};
@@ -68,7 +80,13 @@ asio::awaitable<IoResult> SocketTransport<Protocol>::read_exact(asio::mutable_bu
 
 template <class Protocol>
 asio::awaitable<IoResult> SocketTransport<Protocol>::write_all(std::span<const asio::const_buffer> buffers) {
-  auto [ec, n] = co_await asio::async_write(socket_, buffers, use_tuple);
+  // asio::transfer_all() hands the kernel at most 64 KiB per sendmsg; a
+  // batch of bulk chunks would then cost four system calls (and as many
+  // waits for the peer) per 256 KiB. Offer everything in one writev.
+  auto whole_batch = [](const std::error_code& ec, std::size_t) -> std::size_t {
+    return ec ? 0 : std::numeric_limits<std::uint32_t>::max();
+  };
+  auto [ec, n] = co_await asio::async_write(socket_, buffers, whole_batch, use_tuple);
   co_return IoResult{ec, n};
 }
 
