@@ -210,8 +210,11 @@ asio::awaitable<bool> Connection::read_frame(Header& header, Buffer& body) {
       read_begin_ = 0;
       read_end_ = n;
     }
-    auto [ec, n] = co_await transport_->read_some(
-        asio::buffer(read_buffer_.data() + read_end_, read_buffer_.size() - read_end_));
+    // Right after a large body the next frame is most likely another chunk:
+    // read only a little ahead, so its body is not pulled through this buffer.
+    std::size_t room = read_buffer_.size() - read_end_;
+    if (after_large_body_) room = std::min(room, large_body_tail);
+    auto [ec, n] = co_await transport_->read_some(asio::buffer(read_buffer_.data() + read_end_, room));
     if (ec) {
       close_on_strand(io_error(ec, peer()));
       co_return false;
@@ -240,11 +243,16 @@ asio::awaitable<bool> Connection::read_frame(Header& header, Buffer& body) {
   if (have) std::memcpy(body.data(), read_buffer_.data() + read_begin_, have);
   read_begin_ += have;
   if (read_begin_ == read_end_) read_begin_ = read_end_ = 0;
+  after_large_body_ = have < size;
   if (have < size) {
-    // A large body goes straight from the socket into its own buffer.
+    // A large body goes straight from the socket into its own buffer; the
+    // same read brings the next frame's prefix (and at most a few KiB of
+    // what follows it) into the read buffer, which is empty here.
     std::size_t got = have;
     while (got < size) {
-      auto [ec, n] = co_await transport_->read_some(asio::buffer(body.data() + got, size - got));
+      auto [ec, n] = co_await transport_->read_some_split(
+          asio::buffer(body.data() + got, size - got),
+          asio::buffer(read_buffer_.data(), std::min(read_buffer_.size(), large_body_tail)));
       if (ec) {
         if (ec == asio::error::eof) {
           const std::string why = "connection closed by peer " + peer().address + " in the middle of a " +
@@ -257,7 +265,9 @@ asio::awaitable<bool> Connection::read_frame(Header& header, Buffer& body) {
         }
         co_return false;
       }
-      got += n;
+      const std::size_t to_body = std::min(n, size - got);
+      got += to_body;
+      read_end_ = n - to_body;
       bytes_in_.fetch_add(n, std::memory_order_relaxed);
       last_rx_ = std::chrono::steady_clock::now();
       missed_pings_ = 0;

@@ -158,6 +158,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // Read side (strand only).
   Buffer read_buffer_;
+  // How far past a large body one read may reach into the read buffer.
+  static constexpr std::size_t large_body_tail = 4096;
+  bool after_large_body_ = false;
   std::size_t read_begin_ = 0;
   std::size_t read_end_ = 0;
   std::atomic<std::uint32_t> max_frame_;

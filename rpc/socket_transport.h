@@ -17,6 +17,7 @@ class SocketTransport final : public Transport {
 
   asio::any_io_executor get_executor() override { return socket_.get_executor(); }
   asio::awaitable<IoResult> read_some(asio::mutable_buffer buffer) override;
+  asio::awaitable<IoResult> read_some_split(asio::mutable_buffer body, asio::mutable_buffer tail) override;
   asio::awaitable<IoResult> read_exact(asio::mutable_buffer buffer) override;
   asio::awaitable<IoResult> write_all(std::span<const asio::const_buffer> buffers) override;
   asio::awaitable<std::error_code> wait_readable() override;

@@ -44,6 +44,14 @@ class Transport {
 
   // Reads at least one byte. EOF, reset and cancellation come back as values.
   virtual asio::awaitable<IoResult> read_some(asio::mutable_buffer buffer) = 0;
+  // Reads at least one byte into `body`, and whatever else is waiting into
+  // `tail` (one readv where the transport can): the rest of a large frame
+  // goes straight where it belongs while the next frame's prefix still
+  // arrives with it. The default reads into `body` alone.
+  virtual asio::awaitable<IoResult> read_some_split(asio::mutable_buffer body, asio::mutable_buffer tail) {
+    (void)tail;
+    return read_some(body);
+  }
   // Reads exactly buffer.size() bytes unless an error comes first.
   virtual asio::awaitable<IoResult> read_exact(asio::mutable_buffer buffer) = 0;
   // Writes every byte of the gathered buffers (one writev where it can).
