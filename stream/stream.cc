@@ -179,9 +179,15 @@ void Stream::grant_locked(std::uint64_t bytes) {
   held_ -= std::min<std::uint64_t>(held_, bytes);
   if (recv_ended_ || error_) return;
   credit_owed_ += bytes;
-  // Batch credit, but never leave a blocked sender waiting once the
-  // consumer has caught up.
-  if (credit_owed_ >= limits_.window / 8 || queue_.empty()) {
+  // Batch credit: a fast consumer costs its peer one small frame per
+  // quarter window (1 MiB by default), not one per chunk. A sender stops
+  // only when its next piece (at most one chunk) would overflow the window,
+  // so it is then waiting on more than window - chunk bytes, all of which
+  // this side owes once the consumer catches up: a threshold no higher than
+  // that never leaves it waiting.
+  const std::uint64_t window = limits_.window, chunk = limits_.chunk_size;
+  const std::uint64_t threshold = window > chunk ? std::min(window / 4, window - chunk + 1) : 1;
+  if (credit_owed_ >= threshold) {
     auto body = rpc::encode_credit(static_cast<std::uint32_t>(credit_owed_));
     credit_owed_ = 0;
     send(FrameType::stream_credit, FrameStatus::ok, rpc::Buffer::copy_of(std::span<const std::uint8_t>(body)),
