@@ -1,5 +1,6 @@
 // Raw-socket baselines: the same bytes a ferry frame would carry, moved with
 // the fewest syscalls a blocking program can manage.
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -254,6 +255,46 @@ Measurement raw_send(const CaseOptions& options, bool tcp, uint64_t payload_tota
           std::string(tcp ? "raw tcp" : "raw unix") + ", " + std::to_string(frames) +
               " x 256 KiB bodies (+28 B header) via writev, payload bytes counted, " +
               "default socket buffers"};
+}
+
+Measurement raw_send_file_seconds(const CaseOptions& options, uint64_t bytes) {
+  // A dense file of `bytes`, read with pread into one 256 KiB buffer and
+  // written to a raw unix socket: the work a sparse upload cannot avoid.
+  ScratchDir dir;
+  const std::string path = (dir.path() / "dense.img").string();
+  Fd file(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0600));
+  if (file.get() < 0) throw std::runtime_error("cannot create " + path);
+  std::vector<unsigned char> body(body_chunk_bytes);
+  for (std::size_t i = 0; i < body.size(); ++i) body[i] = static_cast<unsigned char>(i * 131 + 7);
+  for (uint64_t at = 0; at < bytes; at += body.size()) {
+    const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(body.size(), bytes - at));
+    if (::pwrite(file.get(), body.data(), n, static_cast<off_t>(at)) != static_cast<ssize_t>(n))
+      throw std::runtime_error("pwrite failed");
+  }
+  ::fsync(file.get());
+  std::string listen = server_address(options, dir, "sink.sock", false);
+  ChildProcess server = spawn_server({self_exe(), "serve-raw-sink", "--listen", listen}, options.server_netns);
+  Fd fd = connect_to(Address::parse(server.ready_info()));
+  const uint64_t frames = (bytes + body_chunk_bytes - 1) / body_chunk_bytes;
+  unsigned char head[frame_overhead_bytes];
+  auto start = Clock::now();
+  unsigned char total[8];
+  put_be64(total, frames * frame_overhead_bytes + bytes);
+  write_all(fd.get(), total, sizeof total);
+  for (uint64_t at = 0; at < bytes; at += body.size()) {
+    const std::size_t want = static_cast<std::size_t>(std::min<uint64_t>(body.size(), bytes - at));
+    if (::pread(file.get(), body.data(), want, static_cast<off_t>(at)) != static_cast<ssize_t>(want))
+      throw std::runtime_error("pread failed");
+    fill_frame_head(head, want, type_data_chunk, 1, status_continue);
+    iovec iov[2] = {{head, sizeof head}, {body.data(), want}};
+    writev_all(fd.get(), iov, 2);
+  }
+  unsigned char ack = 0;
+  if (!read_exact(fd.get(), &ack, 1)) throw std::runtime_error("sink closed before acknowledging");
+  const double elapsed = seconds_since(start);
+  server.stop();
+  return {elapsed, "s", "raw unix socket sending a dense " + std::to_string(bytes >> 20) +
+                            " MiB file (pread 256 KiB, writev), the sparse file's data alone"};
 }
 
 }  // namespace ferry::bench

@@ -22,6 +22,8 @@ Measurement raw_body(const CaseOptions& options, bool tcp);
 Measurement raw_send(const CaseOptions& options, bool tcp, uint64_t payload_total);
 // stream.download.*: the server writes 256 KiB bodies, the client reads.
 Measurement raw_download(const CaseOptions& options, bool tcp, uint64_t payload_total);
+// Seconds to send a dense file of `bytes` (pread + writev) to a raw sink.
+Measurement raw_send_file_seconds(const CaseOptions& options, uint64_t bytes);
 // rpc.echo.inflight128: gRPC unary Echo with `inflight` calls outstanding on
 // one channel. Throws Unavailable when built without gRPC.
 Measurement grpc_echo_inflight(const CaseOptions& options, int inflight);

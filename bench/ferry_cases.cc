@@ -381,9 +381,5 @@ Measurement ferry_sparse_upload(const CaseOptions& options) {
           "10 GiB file, 10 MiB of data in 1 MiB extents: SEEK_DATA/SEEK_HOLE reader, holes as STREAM_HOLE frames"};
 }
 
-Measurement raw_send_seconds(const CaseOptions& options, uint64_t bytes) {
-  Measurement m = raw_send(options, false, bytes);
-  return {static_cast<double>(bytes) / 1e6 / m.value, "s", "raw unix socket sending the 10 MiB of data alone"};
-}
 
 }  // namespace ferry::bench

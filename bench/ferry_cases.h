@@ -61,7 +61,6 @@ Measurement ferry_stream_download(const CaseOptions&, bool tcp);
 Measurement ferry_call_p99(const CaseOptions&, bool loaded);
 // stream.sparse10g: seconds to upload a 10 GiB file holding 10 MiB of data.
 Measurement ferry_sparse_upload(const CaseOptions&);
-// Its baseline: seconds to send the 10 MiB of data alone over a raw socket.
-Measurement raw_send_seconds(const CaseOptions&, uint64_t bytes);
+// Its baseline (baselines.h): seconds to send a dense file of the 10 MiB alone.
 
 }  // namespace ferry::bench

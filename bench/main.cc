@@ -65,7 +65,7 @@ const std::vector<Row>& rows() {
       {"stream.call_p99_under_load", [](const CaseOptions& o) { return ferry_call_p99(o, true); },
        [](const CaseOptions& o) { return ferry_call_p99(o, false); }},
       {"stream.sparse10g", [](const CaseOptions& o) { return ferry_sparse_upload(o); },
-       [](const CaseOptions& o) { return raw_send_seconds(o, 10u << 20); }},
+       [](const CaseOptions& o) { return raw_send_file_seconds(o, 10u << 20); }},
   };
   return table;
 }
