@@ -85,6 +85,8 @@ std::shared_ptr<rpc::Program> make_test_program(const rpc::Server& server) {
     reply.set_calls_in_flight(stats.calls_in_flight);
     reply.set_handlers_cancelled(stats.calls_cancelled);
     reply.set_clients(static_cast<std::uint32_t>(stats.clients));
+    reply.set_streams_open(stream::Stream::live_count());
+    reply.set_buffer_bytes_in_use(stats.buffer_bytes_in_use);
     co_return reply;
   });
 

@@ -101,6 +101,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
     Buffer b;
     {
       std::lock_guard lock(mutex_);
+      in_use_ += capacity;
       if (!free_[cls].empty()) {
         b.data_ = free_[cls].back();
         free_[cls].pop_back();
@@ -118,6 +119,12 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
     std::lock_guard lock(mutex_);
     return cached_;
   }
+  // Bytes of pooled buffers handed out and not yet given back: what frames
+  // in flight, queued chunks and consumers hold right now.
+  std::size_t in_use_bytes() const {
+    std::lock_guard lock(mutex_);
+    return in_use_;
+  }
 
  private:
   explicit BufferPool(std::size_t max_cached_bytes) : max_cached_(max_cached_bytes) {}
@@ -129,6 +136,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   void put(std::uint8_t* data, std::size_t capacity) {
     {
       std::lock_guard lock(mutex_);
+      in_use_ -= capacity;
       if (cached_ + capacity <= max_cached_) {
         free_[size_class(capacity)].push_back(data);
         cached_ += capacity;
@@ -172,6 +180,7 @@ class BufferPool : public std::enable_shared_from_this<BufferPool> {
   mutable std::mutex mutex_;
   std::array<std::vector<std::uint8_t*>, 10> free_;  // 64 KiB .. 32 MiB
   std::size_t cached_ = 0;
+  std::size_t in_use_ = 0;
   std::size_t max_cached_;
 };
 

@@ -686,6 +686,7 @@ ServerStats Server::stats() const {
   s.calls_cancelled = impl_->calls_cancelled_.load();
   s.protocol_errors = impl_->protocol_errors_.load();
   s.clients_refused = impl_->clients_refused_.load();
+  s.buffer_bytes_in_use = impl_->pool_->in_use_bytes();
   return s;
 }
 

@@ -50,6 +50,7 @@ struct ServerStats {
   std::uint64_t calls_cancelled = 0;
   std::uint64_t protocol_errors = 0;
   std::uint64_t clients_refused = 0;
+  std::uint64_t buffer_bytes_in_use = 0;  // pooled frame buffers held anywhere in the server
 };
 
 class Server {

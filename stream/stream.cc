@@ -1,5 +1,7 @@
 #include "stream/stream.h"
 
+#include <atomic>
+
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
 #include <asio/co_spawn.hpp>
@@ -31,10 +33,18 @@ void Chunk::release() {
   stream_.reset();
 }
 
-Stream::Stream(std::shared_ptr<rpc::Connection> connection, const rpc::Header& call, rpc::StreamLimits limits)
-    : connection_(std::move(connection)), call_(call), limits_(limits) {}
+namespace {
+std::atomic<std::uint64_t> live_streams{0};
+}
 
-Stream::~Stream() = default;
+Stream::Stream(std::shared_ptr<rpc::Connection> connection, const rpc::Header& call, rpc::StreamLimits limits)
+    : connection_(std::move(connection)), call_(call), limits_(limits) {
+  live_streams.fetch_add(1, std::memory_order_relaxed);
+}
+
+Stream::~Stream() { live_streams.fetch_sub(1, std::memory_order_relaxed); }
+
+std::uint64_t Stream::live_count() { return live_streams.load(std::memory_order_relaxed); }
 
 rpc::Header Stream::header(FrameType type, FrameStatus status) const {
   rpc::Header h = call_;

@@ -78,6 +78,8 @@ class Stream : public rpc::StreamSink, public std::enable_shared_from_this<Strea
 
   Stream(std::shared_ptr<rpc::Connection> connection, const rpc::Header& call, rpc::StreamLimits limits);
   ~Stream() override;
+  // Streams alive in this process (for tests and statistics).
+  static std::uint64_t live_count();
 
   // Sends `data` (any size; split into chunks). Waits for credit. Throws the
   // stream's error once it has failed.

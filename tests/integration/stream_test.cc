@@ -25,6 +25,31 @@ class StreamTest : public ::testing::TestWithParam<TransportKind> {
  protected:
   Client connect(FerrydProcess& server) { return Client::connect_sync(io_.executor(), server.uri(GetParam())); }
   test::v1::StatsReply stats(Client& client) { return client.call_future<TestSvc::Stats>(test::v1::StatsCall{}).get(); }
+
+  // After a stream ended in failure: the server lets go of every stream
+  // object, every pooled buffer (queued or unread chunks) and every handler
+  // but the Stats call asking, within a few seconds.
+  void expect_server_released(Client& client) {
+    test::v1::StatsReply s;
+    for (int i = 0; i < 500; ++i) {
+      s = stats(client);
+      if (s.streams_open() == 0 && s.buffer_bytes_in_use() == 0 && s.calls_in_flight() == 1) break;
+      std::this_thread::sleep_for(10ms);
+    }
+    EXPECT_EQ(s.streams_open(), 0u) << "stream objects still alive in ferryd";
+    EXPECT_EQ(s.buffer_bytes_in_use(), 0u) << "pooled buffers still held in ferryd";
+    EXPECT_EQ(s.calls_in_flight(), 1u) << "handlers still running in ferryd";
+  }
+
+  // The same on this side, once the test has dropped its stream handle.
+  void expect_client_released(Client& client) {
+    auto& pool = client.connection()->pool();
+    for (int i = 0; i < 500 && (stream::Stream::live_count() != 0 || pool.in_use_bytes() != 0); ++i)
+      std::this_thread::sleep_for(10ms);
+    EXPECT_EQ(stream::Stream::live_count(), 0u) << "stream objects still alive in the client";
+    EXPECT_EQ(pool.in_use_bytes(), 0u) << "pooled buffers still held in the client";
+  }
+
   rpc::IoThreads io_{2};
 };
 
@@ -178,6 +203,11 @@ TEST_P(StreamTest, StalledReaderHoldsOneWindowAndStallsNothingElse) {
   // The stalled stream's sender stopped at the window.
   EXPECT_LE(written.load(), std::uint64_t{window} + (1u << 20));
   EXPECT_LE(stalled.stream->bytes_sent(), std::uint64_t{window} + client.stream_limits().chunk_size);
+  // The server holds the stalled stream's window in pooled buffers, and no
+  // more (the download above has finished and given its buffers back).
+  const auto held = stats(client).buffer_bytes_in_use();
+  EXPECT_GE(held, std::uint64_t{window} / 2) << "the stalled stream's chunks should be waiting in ferryd";
+  EXPECT_LE(held, std::uint64_t{window} + client.stream_limits().chunk_size);
   const auto rss_during = stats(client).rss_bytes();
   // Stated bound: one window held for the stalled stream plus the buffer
   // pool's idle cap (64 MiB) over the starting footprint.
@@ -191,22 +221,25 @@ TEST_P(StreamTest, StalledReaderHoldsOneWindowAndStallsNothingElse) {
   auto err = error_of([&] { stalled.reply_sync(); });
   EXPECT_EQ(err.code(), Code::cancelled);
   EXPECT_NE(err.message().find("user gave up"), std::string::npos) << err.message();
+  expect_server_released(client);
 }
 
 TEST_P(StreamTest, ClientAbortMidUploadReachesTheHandlerAndTheConnectionLives) {
   FerrydProcess server;
   Client client = connect(server);
-  auto up = stream::open<TestSvc::Upload>(client, test::v1::UploadCall{});
-  up.stream->write_sync(random_buffer(3 << 20, 1));
-  up.stream->abort(Error(Code::aborted, "disk image changed under us"));
-  auto err = error_of([&] { up.reply_sync(); });
-  EXPECT_EQ(err.code(), Code::aborted);
-  EXPECT_NE(err.message().find("disk image changed"), std::string::npos) << err.message();
-  // Later writes report the same first error.
-  auto again = error_of([&] { up.stream->write_sync(rpc::Buffer(10)); });
-  EXPECT_EQ(again.code(), Code::aborted);
-  auto s = stats(client);
-  EXPECT_EQ(s.calls_in_flight(), 1u);
+  {
+    auto up = stream::open<TestSvc::Upload>(client, test::v1::UploadCall{});
+    up.stream->write_sync(random_buffer(3 << 20, 1));
+    up.stream->abort(Error(Code::aborted, "disk image changed under us"));
+    auto err = error_of([&] { up.reply_sync(); });
+    EXPECT_EQ(err.code(), Code::aborted);
+    EXPECT_NE(err.message().find("disk image changed"), std::string::npos) << err.message();
+    // Later writes report the same first error.
+    auto again = error_of([&] { up.stream->write_sync(rpc::Buffer(10)); });
+    EXPECT_EQ(again.code(), Code::aborted);
+  }
+  expect_server_released(client);
+  expect_client_released(client);
   // New streams and calls on the same connection.
   auto up2 = stream::open<TestSvc::Upload>(client, test::v1::UploadCall{});
   up2.stream->write_sync(rpc::Buffer::copy_of("fine"));
@@ -221,24 +254,57 @@ TEST_P(StreamTest, ServerAbortMidDownloadArrivesWithItsCodeWithinTheStream) {
   call.set_size(256u << 20);
   call.set_fail_after(8u << 20);
   call.set_fail_code(ferry::v1::RESOURCE_EXHAUSTED);
-  auto down = stream::open<TestSvc::Download>(client, call);
-  std::uint64_t got = 0;
-  auto err = error_of([&] {
-    for (;;) {
-      Item item = down.stream->read_sync();
-      if (item.kind == Item::Kind::end) break;
-      got += item.length;
-    }
-  });
-  EXPECT_EQ(err.code(), Code::resource_exhausted);
-  EXPECT_NE(err.message().find("simulated failure"), std::string::npos) << err.message();
-  EXPECT_LE(got, 8u << 20);
-  auto rerr = error_of([&] { down.reply_sync(); });
-  EXPECT_EQ(rerr.code(), Code::resource_exhausted);
+  {
+    auto down = stream::open<TestSvc::Download>(client, call);
+    std::uint64_t got = 0;
+    auto err = error_of([&] {
+      for (;;) {
+        Item item = down.stream->read_sync();
+        if (item.kind == Item::Kind::end) break;
+        got += item.length;
+      }
+    });
+    EXPECT_EQ(err.code(), Code::resource_exhausted);
+    EXPECT_NE(err.message().find("simulated failure"), std::string::npos) << err.message();
+    EXPECT_LE(got, 8u << 20);
+    auto rerr = error_of([&] { down.reply_sync(); });
+    EXPECT_EQ(rerr.code(), Code::resource_exhausted);
+  }
   test::v1::EchoCall c;
   c.set_payload("alive");
   EXPECT_EQ(client.call_future<TestSvc::Echo>(c).get().payload(), "alive");
-  EXPECT_EQ(stats(client).calls_in_flight(), 1u);
+  expect_server_released(client);
+  expect_client_released(client);
+}
+
+TEST_P(StreamTest, ClientAbortMidDownloadDropsWhatWasQueuedOnBothSides) {
+  FerrydProcess server;
+  Client client = connect(server);
+  test::v1::DownloadCall call;
+  call.set_size(std::uint64_t{1} << 40);  // runs until aborted
+  call.set_fast(true);
+  call.set_block(1 << 20);
+  {
+    auto down = stream::open<TestSvc::Download>(client, call);
+    // Read a little, then stop reading so a window of chunks piles up here
+    // and more wait on the server, and abort with both queues full.
+    for (int i = 0; i < 4; ++i) ASSERT_EQ(down.stream->read_sync().kind, Item::Kind::data);
+    while (client.connection()->pool().in_use_bytes() < (2u << 20)) std::this_thread::sleep_for(1ms);
+    down.stream->abort(Error(Code::cancelled, "operator pressed Ctrl-C"));
+    auto err = error_of([&] { down.reply_sync(); });
+    EXPECT_EQ(err.code(), Code::cancelled);
+    EXPECT_EQ(error_of([&] { down.stream->read_sync(); }).code(), Code::cancelled);
+  }
+  expect_server_released(client);
+  expect_client_released(client);
+  EXPECT_EQ(stats(client).handlers_cancelled(), 1u);
+  // The connection carries a new download in full.
+  test::v1::DownloadCall small;
+  small.set_size(3u << 20);
+  small.set_seed(9);
+  auto again = stream::open<TestSvc::Download>(client, small);
+  stream::Checksum sum = drain(*again.stream);
+  EXPECT_EQ(again.reply_sync().checksum(), sum.value());
 }
 
 TEST_P(StreamTest, ServerRefusalMidUploadStopsTheWriter) {
@@ -253,6 +319,7 @@ TEST_P(StreamTest, ServerRefusalMidUploadStopsTheWriter) {
   });
   EXPECT_EQ(err.code(), Code::resource_exhausted);
   EXPECT_EQ(error_of([&] { up.reply_sync(); }).code(), Code::resource_exhausted);
+  expect_server_released(client);
 }
 
 TEST_P(StreamTest, CancelOfTheOpeningCallEndsBothSides) {
@@ -269,8 +336,8 @@ TEST_P(StreamTest, CancelOfTheOpeningCallEndsBothSides) {
   source->cancel();
   EXPECT_EQ(error_of([&] { up.reply_sync(); }).code(), Code::cancelled);
   EXPECT_EQ(error_of([&] { up.stream->write_sync(rpc::Buffer(10)); }).code(), Code::cancelled);
-  for (int i = 0; i < 200 && stats(client).calls_in_flight() > 1; ++i) std::this_thread::sleep_for(5ms);
-  EXPECT_EQ(stats(client).calls_in_flight(), 1u);
+  expect_server_released(client);
+  EXPECT_EQ(stats(client).handlers_cancelled(), 1u);
 }
 
 TEST_P(StreamTest, PeerDisconnectFailsTheStreamClearly) {
@@ -278,14 +345,18 @@ TEST_P(StreamTest, PeerDisconnectFailsTheStreamClearly) {
   Client client = connect(server);
   test::v1::UploadCall call;
   call.set_stall_ms(60000);
-  auto up = stream::open<TestSvc::Upload>(client, call);
-  up.stream->write_sync(rpc::Buffer(1 << 20));
-  std::thread killer([&] { server.terminate(std::chrono::milliseconds(300)); });
-  auto err = error_of([&] {
-    for (;;) up.stream->write_sync(rpc::Buffer(1 << 20));
-  });
-  killer.join();
-  EXPECT_TRUE(err.code() == Code::unavailable || err.code() == Code::cancelled) << err.describe();
+  {
+    auto up = stream::open<TestSvc::Upload>(client, call);
+    up.stream->write_sync(rpc::Buffer(1 << 20));
+    std::thread killer([&] { server.terminate(std::chrono::milliseconds(300)); });
+    auto err = error_of([&] {
+      for (;;) up.stream->write_sync(rpc::Buffer(1 << 20));
+    });
+    killer.join();
+    EXPECT_TRUE(err.code() == Code::unavailable || err.code() == Code::cancelled) << err.describe();
+    EXPECT_NE(error_of([&] { up.reply_sync(); }).code(), Code::ok);
+  }
+  expect_client_released(client);
 }
 
 TEST_P(StreamTest, AbortRacingFinishLeavesNoStreamBehind) {
@@ -306,8 +377,8 @@ TEST_P(StreamTest, AbortRacingFinishLeavesNoStreamBehind) {
       EXPECT_EQ(e.code(), Code::cancelled);
     }
   }
-  for (int i = 0; i < 200 && stats(client).calls_in_flight() > 1; ++i) std::this_thread::sleep_for(5ms);
-  EXPECT_EQ(stats(client).calls_in_flight(), 1u);
+  expect_server_released(client);
+  expect_client_released(client);
 }
 
 TEST_P(StreamTest, BidirectionalStreamEchoesDataAndHolesWhileBothDirectionsFlow) {
@@ -345,8 +416,7 @@ TEST_P(StreamTest, DeadlineExpiryEndsTheStreamAndReleasesTheHandler) {
   auto err = error_of([&] { up.reply_sync(); });
   EXPECT_EQ(err.code(), Code::deadline_exceeded);
   EXPECT_EQ(error_of([&] { up.stream->write_sync(rpc::Buffer(10)); }).code(), Code::deadline_exceeded);
-  for (int i = 0; i < 200 && stats(client).calls_in_flight() > 1; ++i) std::this_thread::sleep_for(5ms);
-  EXPECT_EQ(stats(client).calls_in_flight(), 1u) << "the server must have let go of the handler";
+  expect_server_released(client);
   EXPECT_EQ(stats(client).handlers_cancelled(), 1u);
 }
 
