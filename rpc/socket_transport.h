@@ -8,6 +8,13 @@
 
 namespace ferry::rpc {
 
+// UNIX sockets have no buffer autotuning: a sender may queue only
+// SO_SNDBUF bytes (wmem_default, 208 KiB here), less than one 256 KiB chunk,
+// so every chunk took two writes and a wait for the reader. ferry asks for
+// this much on UNIX sockets unless configured otherwise; TCP is left to the
+// kernel's autotuning, which a fixed size would switch off.
+inline constexpr int default_unix_socket_buffer = 1 << 20;
+
 template <class Protocol>
 class SocketTransport final : public Transport {
  public:
