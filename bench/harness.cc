@@ -117,12 +117,12 @@ void Fd::reset(int fd) {
   fd_ = fd;
 }
 
-// Baselines use the socket buffers ferry uses on UNIX sockets (1 MiB,
+// Baselines use the socket buffers ferry uses on UNIX sockets (512 KiB,
 // rpc/socket_transport.h), so that rows compare the framework, not a
 // setting: raw UNIX senders with the kernel's 208 KiB default measured
 // about 15% slower.
 static void set_unix_buffers(int fd) {
-  const int bytes = 1 << 20;
+  const int bytes = 512 << 10;
   ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
   ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
 }
