@@ -254,7 +254,7 @@ Measurement raw_send(const CaseOptions& options, bool tcp, uint64_t payload_tota
   return {static_cast<double>(payload_total) / 1e6 / elapsed, "MB/s",
           std::string(tcp ? "raw tcp" : "raw unix") + ", " + std::to_string(frames) +
               " x 256 KiB bodies (+28 B header) via writev, payload bytes counted, " +
-              (tcp ? "autotuned socket buffers" : "512 KiB socket buffers as ferry sets")};
+              "default socket buffers"};
 }
 
 Measurement raw_send_file_seconds(const CaseOptions& options, uint64_t bytes) {

@@ -117,16 +117,6 @@ void Fd::reset(int fd) {
   fd_ = fd;
 }
 
-// Baselines use the socket buffers ferry uses on UNIX sockets (512 KiB,
-// rpc/socket_transport.h), so that rows compare the framework, not a
-// setting: raw UNIX senders with the kernel's 208 KiB default measured
-// about 15% slower.
-static void set_unix_buffers(int fd) {
-  const int bytes = 512 << 10;
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
-}
-
 Fd connect_to(const Address& address) {
   if (address.kind == Address::Kind::unix_socket) {
     Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
@@ -135,7 +125,6 @@ Fd connect_to(const Address& address) {
     if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&sun), sizeof sun) != 0) {
       throw_errno("connect " + address.str());
     }
-    set_unix_buffers(fd.get());
     return fd;
   }
   AddrInfo ai;
@@ -213,8 +202,6 @@ Fd accept_from(int listen_fd) {
       if (::getsockname(fd, reinterpret_cast<sockaddr*>(&peer), &len) == 0 &&
           (peer.ss_family == AF_INET || peer.ss_family == AF_INET6)) {
         set_nodelay(fd);
-      } else if (peer.ss_family == AF_UNIX) {
-        set_unix_buffers(fd);
       }
       return Fd(fd);
     }

@@ -55,7 +55,7 @@ int main(int argc, char** argv) {
   app.add_option("--keepalive-count", options.keepalive_count, "unanswered probes before a peer is dead")
       ->capture_default_str();
   app.add_option("--socket-buffer", options.socket_buffer_bytes,
-                 "SO_SNDBUF/SO_RCVBUF per connection in bytes (0 = TCP autotuning, 512 KiB on UNIX sockets)")
+                 "SO_SNDBUF/SO_RCVBUF per connection in bytes (0 = kernel autotuning)")
       ->capture_default_str();
   app.add_option("--shutdown-grace", shutdown_grace_ms, "ms calls in flight get to finish on SIGTERM")
       ->capture_default_str();

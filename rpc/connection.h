@@ -78,7 +78,7 @@ struct ConnectionOptions {
   std::chrono::milliseconds keepalive_interval{5000};  // 0 disables probing
   unsigned keepalive_count = 3;
   bool half_duplex = false;                 // benchmark baseline only
-  int socket_buffer_bytes = 0;              // SO_SNDBUF/SO_RCVBUF; 0 = TCP autotuning, 512 KiB on UNIX sockets
+  int socket_buffer_bytes = 0;              // SO_SNDBUF/SO_RCVBUF; 0 = kernel autotuning
   std::shared_ptr<BufferPool> pool;         // for large bodies; null: the connection makes its own
   std::size_t read_buffer_size = 64 << 10;
   std::size_t max_batch_bytes = 256 << 10;  // bulk bytes per write

@@ -40,7 +40,7 @@ struct ServerOptions {
   unsigned keepalive_count = 3;
   std::string name = "ferryd";
   unsigned unix_socket_mode = 0600;
-  int socket_buffer_bytes = 0;  // SO_SNDBUF/SO_RCVBUF per connection; 0 = TCP autotuning, 512 KiB on UNIX
+  int socket_buffer_bytes = 0;  // SO_SNDBUF/SO_RCVBUF per connection; 0 = kernel autotuning
 };
 
 struct ServerStats {

@@ -5,7 +5,6 @@
 #include <array>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 
 #include <asio/connect.hpp>
 #include <asio/experimental/as_tuple.hpp>
@@ -99,7 +98,6 @@ asio::awaitable<std::error_code> SocketTransport<Protocol>::wait_readable() {
 
 template <class Protocol>
 void SocketTransport<Protocol>::set_buffer_size(int bytes) {
-  if (bytes <= 0 && std::is_same_v<Protocol, asio::local::stream_protocol>) bytes = default_unix_socket_buffer;
   if (bytes <= 0) return;
   std::error_code ec;
   socket_.set_option(asio::socket_base::send_buffer_size(bytes), ec);

@@ -8,16 +8,6 @@
 
 namespace ferry::rpc {
 
-// UNIX sockets have no buffer autotuning: a sender may queue only
-// SO_SNDBUF bytes (wmem_default, 208 KiB here), less than one 256 KiB chunk,
-// so every chunk took two writes and a wait for the reader. ferry asks for
-// this much on UNIX sockets unless configured otherwise; TCP is left to the
-// kernel's autotuning, which a fixed size would switch off. Not more: a
-// small call's reply queues behind whatever bulk data fills the socket, and
-// with 1 MiB the median echo next to a download doubled (0.18 -> 0.4 ms)
-// for no gain in throughput over 512 KiB.
-inline constexpr int default_unix_socket_buffer = 512 << 10;
-
 template <class Protocol>
 class SocketTransport final : public Transport {
  public:
