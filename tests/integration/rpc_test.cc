@@ -15,6 +15,7 @@
 #include "ferry/v1/test.ferry.h"
 #include "rpc/client.h"
 #include "rpc/io_threads.h"
+#include "tests/error_of.h"
 #include "tests/integration/ferryd_process.h"
 
 namespace ferry::testing {
@@ -35,17 +36,6 @@ class RpcTest : public ::testing::TestWithParam<TransportKind> {
 
   rpc::IoThreads io_{2};
 };
-
-template <class F>
-Error expect_error(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected a ferry::Error";
-  return Error(Code::ok, "");
-}
 
 TEST_P(RpcTest, EchoReturnsThePayloadAndNegotiatesHello) {
   FerrydProcess server;
@@ -158,7 +148,7 @@ TEST_P(RpcTest, DeadlineFailsTheCallAndStopsTheServerHandler) {
   Client client = connect(server);
   test::v1::SleepCall call;
   call.set_ms(60000);
-  auto err = expect_error([&] { client.call_future<TestSvc::Sleep>(call, rpc::with_timeout(100ms)).get(); });
+  auto err = error_of([&] { client.call_future<TestSvc::Sleep>(call, rpc::with_timeout(100ms)).get(); });
   EXPECT_EQ(err.code(), Code::deadline_exceeded);
   EXPECT_NE(err.message().find("100 ms"), std::string::npos) << err.message();
   // The server hears the CANCEL and lets go of the handler.
@@ -184,7 +174,7 @@ TEST_P(RpcTest, CancelEndsACallInFlightWithCancelledAfterTheServerLetsGo) {
   // Wait until the server runs the handler, then cancel.
   for (int i = 0; i < 200 && stats(client).calls_in_flight() < 2; ++i) std::this_thread::sleep_for(5ms);
   source->cancel();
-  auto err = expect_error([&] { future.get(); });
+  auto err = error_of([&] { future.get(); });
   EXPECT_EQ(err.code(), Code::cancelled);
   // The reply came from the server after its handler ended: nothing is left.
   auto s = stats(client);
@@ -205,7 +195,7 @@ TEST_P(RpcTest, CancelBeforeTheCallIsSentMeansItIsNeverSent) {
   options.cancel = source;
   test::v1::SleepCall call;
   call.set_ms(60000);
-  auto err = expect_error([&] { client.call_future<TestSvc::Sleep>(call, options).get(); });
+  auto err = error_of([&] { client.call_future<TestSvc::Sleep>(call, options).get(); });
   EXPECT_EQ(err.code(), Code::cancelled);
   auto s = stats(client);
   EXPECT_EQ(s.handlers_cancelled(), 0u) << "the server never saw the call";
@@ -262,7 +252,7 @@ TEST_P(RpcTest, HandlerErrorsArriveWithCodeMessageAndRetryable) {
   call.set_code(ferry::v1::RESOURCE_EXHAUSTED);
   call.set_message("pool 'default' is full");
   call.set_retryable(true);
-  auto err = expect_error([&] { client.call_future<TestSvc::Fail>(call).get(); });
+  auto err = error_of([&] { client.call_future<TestSvc::Fail>(call).get(); });
   EXPECT_EQ(err.code(), Code::resource_exhausted);
   EXPECT_EQ(err.message(), "pool 'default' is full");
   EXPECT_EQ(err.domain(), "test");
@@ -293,7 +283,7 @@ TEST_P(RpcTest, UnknownProgramProcedureAndVersionAreUnimplementedAndTheConnectio
   FerrydProcess server;
   Client client = connect(server);
   auto raw_call = [&](std::uint32_t program, std::uint32_t version, std::uint32_t procedure) {
-    return expect_error([&] {
+    return error_of([&] {
       struct Raw final : rpc::detail::CallCompletion {
         std::promise<rpc::detail::RawResult> p;
         void complete(rpc::detail::RawResult r) override { p.set_value(std::move(r)); }
@@ -344,7 +334,7 @@ TEST_P(RpcTest, TooManyClientsAreTurnedAwayWithTheReason) {
   FerrydProcess server({"--max-clients", "2"});
   Client a = connect(server);
   Client b = connect(server);
-  auto err = expect_error([&] { connect(server); });
+  auto err = error_of([&] { connect(server); });
   EXPECT_EQ(err.code(), Code::resource_exhausted);
   EXPECT_NE(err.message().find("too many clients"), std::string::npos) << err.message();
   // The two admitted clients are unaffected, and a slot frees on close.
@@ -369,7 +359,7 @@ TEST_P(RpcTest, OversizedRequestFailsLocallyAndTheConnectionLives) {
   EXPECT_EQ(client.server().limits.max_frame, 65536u);
   test::v1::EchoCall call;
   call.set_payload(std::string(100000, 'x'));
-  auto err = expect_error([&] { client.call_future<TestSvc::Echo>(call).get(); });
+  auto err = error_of([&] { client.call_future<TestSvc::Echo>(call).get(); });
   EXPECT_EQ(err.code(), Code::invalid_argument);
   EXPECT_NE(err.message().find("maximum frame size of 65536"), std::string::npos) << err.message();
   call.set_payload("small");
@@ -382,7 +372,7 @@ TEST_P(RpcTest, OversizedReplyFailsThatCallOnlyAndTheConnectionLives) {
   // The request fits; the echo adds a few bytes and the reply does not.
   test::v1::EchoCall call;
   call.set_payload(std::string(65530, 'r'));
-  auto err = expect_error([&] { client.call_future<TestSvc::Echo>(call).get(); });
+  auto err = error_of([&] { client.call_future<TestSvc::Echo>(call).get(); });
   EXPECT_EQ(err.code(), Code::resource_exhausted);
   EXPECT_NE(err.message().find("reply of"), std::string::npos) << err.message();
   EXPECT_TRUE(client.is_open());
@@ -419,7 +409,7 @@ TEST_P(RpcTest, KeepaliveDeclaresAFrozenServerUnreachableAndFailsPendingCalls) {
   auto pending = client.call_future<TestSvc::Sleep>(call);
   std::this_thread::sleep_for(50ms);
   server.pause_process();
-  auto err = expect_error([&] { pending.get(); });
+  auto err = error_of([&] { pending.get(); });
   server.resume_process();
   EXPECT_EQ(err.code(), Code::unavailable);
   EXPECT_NE(err.message().find("peer unreachable"), std::string::npos) << err.message();
@@ -452,9 +442,9 @@ TEST_P(RpcTest, ShutdownPastTheGraceCancelsLongCallsAndSaysWhy) {
   auto pending = client.call_future<TestSvc::Sleep>(call);
   while (stats(client).calls_in_flight() < 2) std::this_thread::sleep_for(5ms);
   EXPECT_EQ(server.terminate(), 0);
-  auto err = expect_error([&] { pending.get(); });
+  auto err = error_of([&] { pending.get(); });
   EXPECT_TRUE(err.code() == Code::cancelled || err.code() == Code::unavailable) << err.describe();
-  auto after = expect_error([&] { client.call_future<TestSvc::Echo>(test::v1::EchoCall{}).get(); });
+  auto after = error_of([&] { client.call_future<TestSvc::Echo>(test::v1::EchoCall{}).get(); });
   EXPECT_EQ(after.code(), Code::unavailable);
   EXPECT_NE(after.message().find("shutting down"), std::string::npos) << after.message();
 }
@@ -463,7 +453,7 @@ TEST_P(RpcTest, ConnectingToNothingSaysSoClearly) {
   TempDir dir;
   std::string uri = GetParam() == TransportKind::unix_socket ? "ferry+unix://" + dir.path() + "/none.sock"
                                                              : "ferry+tcp://127.0.0.1:1";
-  auto err = expect_error([&] { Client::connect_sync(io_.executor(), uri); });
+  auto err = error_of([&] { Client::connect_sync(io_.executor(), uri); });
   EXPECT_EQ(err.code(), Code::unavailable);
   EXPECT_NE(err.message().find("cannot connect"), std::string::npos) << err.message();
 }

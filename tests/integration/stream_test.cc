@@ -11,6 +11,7 @@
 #include "rpc/io_threads.h"
 #include "stream/checksum.h"
 #include "stream/service.h"
+#include "tests/error_of.h"
 #include "tests/integration/ferryd_process.h"
 
 namespace ferry::testing {
@@ -58,17 +59,6 @@ rpc::Buffer random_buffer(std::size_t size, std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   for (std::size_t i = 0; i < size; ++i) b.data()[i] = static_cast<std::uint8_t>(rng());
   return b;
-}
-
-template <class F>
-Error error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e;
-  }
-  ADD_FAILURE() << "expected an error";
-  return Error(Code::ok, "");
 }
 
 // Reads a stream to its end, checksumming.

@@ -12,12 +12,14 @@
 #include "rpc/client.h"
 #include "rpc/io_threads.h"
 #include "rpc/server.h"
+#include "tests/error_of.h"
 
 namespace ferry::rpc {
 namespace {
 
 using namespace std::chrono_literals;
 using TestSvc = ferry::test::v1::Test;
+using ferry::testing::error_of;
 using ferry::test::v1::EchoCall;
 using ferry::test::v1::EchoReply;
 using ferry::test::v1::SleepCall;
@@ -38,17 +40,6 @@ class DispatchTest : public ::testing::Test {
   void TearDown() override {
     client_.close();
     if (server_) server_->shutdown(1s);
-  }
-
-  template <class F>
-  static Error error_of(F&& f) {
-    try {
-      f();
-    } catch (const Error& e) {
-      return e;
-    }
-    ADD_FAILURE() << "expected an error";
-    return Error(Code::ok, "");
   }
 
   IoThreads io_{1};
