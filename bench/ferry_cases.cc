@@ -37,7 +37,7 @@ struct Ferryd {
     if (options.ferryd.empty() || !std::filesystem::exists(options.ferryd))
       throw std::runtime_error("ferryd not found at '" + options.ferryd + "' (pass --ferryd)");
     ready_file = (dir.path() / "ready").string();
-    std::vector<std::string> argv = {options.ferryd, "--test-service", "--listen", address, "--ready-file",
+    std::vector<std::string> argv = {options.ferryd, "--test-service", "--auth-tcp", "none", "--listen", address, "--ready-file",
                                      ready_file, "--log-level", "warn", "--max-calls-per-client", "100000"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     child = spawn_server(argv, options.server_netns, std::chrono::seconds(20), false);

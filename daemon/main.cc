@@ -28,7 +28,10 @@ void write_ready_file(const std::string& path, const std::vector<ferry::rpc::End
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"ferryd: serves ferry programs over UNIX and TCP sockets"};
+  CLI::App app{"ferryd: serves ferry programs over UNIX, TCP and TLS sockets"};
+  // A later occurrence of an option overrides an earlier one (scripts add
+  // to a base command line).
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   std::vector<std::string> listen;
   bool test_service = false;
   std::string log_level = "info";
@@ -38,7 +41,7 @@ int main(int argc, char** argv) {
   unsigned keepalive_ms = static_cast<unsigned>(options.keepalive_interval.count());
 
   app.add_option("-l,--listen", listen,
-                 "address to listen on, repeatable: unix:/path or tcp:host:port (default: unix:" +
+                 "address to listen on, repeatable: unix:/path, tcp:host:port or tls:host:port (default: unix:" +
                      ferry::daemon::default_socket_path() + ")");
   app.add_flag("--test-service", test_service, "serve the test program (99) used by tests and benchmarks");
   app.add_option("--io-threads", options.io_threads, "io threads (0 = one per core)")->capture_default_str();
@@ -57,6 +60,55 @@ int main(int argc, char** argv) {
   app.add_option("--socket-buffer", options.socket_buffer_bytes,
                  "SO_SNDBUF/SO_RCVBUF per connection in bytes (0 = kernel autotuning)")
       ->capture_default_str();
+  // Security (docs/security.md).
+  std::string auth_unix = "none", auth_tcp = "sasl", auth_tls = "none";
+  app.add_option("--auth-unix", auth_unix, "authentication on unix: listeners: none (peer credentials) or sasl")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "sasl"}));
+  app.add_option("--auth-tcp", auth_tcp, "authentication on plain tcp: listeners: sasl or none")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "sasl"}));
+  app.add_option("--auth-tls", auth_tls, "authentication on tls: listeners beyond the client certificate: none or sasl")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"none", "sasl"}));
+  auto& tls = options.tls;
+  bool tls_no_verify_client = false;
+  app.add_option("--tls-ca", tls.ca_file, "PEM file of the CAs client certificates must chain to");
+  app.add_option("--tls-cert", tls.cert_file, "PEM server certificate (and chain) for tls: listeners");
+  app.add_option("--tls-key", tls.key_file, "PEM private key of --tls-cert");
+  app.add_flag("--tls-no-verify-client", tls_no_verify_client,
+                "do not ask clients for certificates (then use --auth-tls sasl)");
+  app.add_option("--tls-allowed-dn", tls.allowed_dn,
+                 "glob a client certificate subject (RFC 2253, e.g. 'CN=*,O=Example') must match; repeatable");
+  app.add_option("--tls-min-version", tls.min_version, "1.3 or 1.2")->capture_default_str()->check(
+      CLI::IsMember({"1.2", "1.3"}));
+  auto& sasl = options.sasl;
+  std::string sasl_mechanisms = "SCRAM-SHA-256";
+  app.add_option("--sasl-mechanisms", sasl_mechanisms,
+                 "comma-separated SASL mechanisms to offer (PLAIN and LOGIN only ever over TLS)")
+      ->capture_default_str();
+  app.add_option("--sasl-db", sasl.sasldb_path, "sasldb file made with saslpasswd2 (default: Cyrus's /etc/sasldb2)");
+  app.add_option("--sasl-realm", sasl.realm, "realm the users were added under (saslpasswd2 -u)");
+  app.add_option("--sasl-allowed-user", sasl.allowed_users, "glob an authenticated user name must match; repeatable");
+  app.add_option("--sasl-min-ssf", sasl.min_ssf,
+                 "least SASL protection without TLS (0: authentication only; 56+: require a security layer)")
+      ->capture_default_str();
+  std::string unix_mode = "0600";
+  app.add_option("--unix-socket-mode", unix_mode, "permissions of unix: sockets (octal)")->capture_default_str();
+  app.add_option("--unix-socket-group", options.unix_socket_group, "group owning unix: sockets");
+  app.add_option("--unix-allowed-user", options.unix_allowed_users,
+                 "user (name or uid) allowed on unix: sockets; repeatable (default: whoever can open the socket)");
+  app.add_option("--max-unauthenticated-clients", options.max_unauthenticated_clients,
+                 "connections allowed at once before they finish authenticating")
+      ->capture_default_str();
+  app.add_option("--max-streams-per-client", options.max_streams_per_client, "streams open at once per connection")
+      ->capture_default_str();
+  unsigned auth_timeout_ms = static_cast<unsigned>(options.auth_timeout.count());
+  unsigned idle_timeout_ms = 0;
+  app.add_option("--auth-timeout", auth_timeout_ms, "ms from accept to the end of TLS + Hello + SASL")
+      ->capture_default_str();
+  app.add_option("--idle-timeout", idle_timeout_ms, "ms a connection may sit with nothing in flight (0 = forever)")
+      ->capture_default_str();
   app.add_option("--shutdown-grace", shutdown_grace_ms, "ms calls in flight get to finish on SIGTERM")
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")->capture_default_str();
@@ -68,6 +120,25 @@ int main(int argc, char** argv) {
   spdlog::set_level(spdlog::level::from_str(log_level));
   spdlog::set_pattern("%Y-%m-%dT%H:%M:%S.%e %^%l%$ %v");
   options.keepalive_interval = std::chrono::milliseconds(keepalive_ms);
+  options.auth_timeout = std::chrono::milliseconds(auth_timeout_ms);
+  options.idle_timeout = std::chrono::milliseconds(idle_timeout_ms);
+  options.auth_unix = ferry::rpc::parse_auth_mode(auth_unix);
+  options.auth_tcp = ferry::rpc::parse_auth_mode(auth_tcp);
+  options.auth_tls = ferry::rpc::parse_auth_mode(auth_tls);
+  tls.verify_peer = !tls_no_verify_client;
+  sasl.mechanisms.clear();
+  for (std::size_t pos = 0; pos <= sasl_mechanisms.size();) {
+    auto comma = sasl_mechanisms.find(',', pos);
+    if (comma == std::string::npos) comma = sasl_mechanisms.size();
+    if (comma > pos) sasl.mechanisms.push_back(sasl_mechanisms.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
+  try {
+    options.unix_socket_mode = static_cast<unsigned>(std::stoul(unix_mode, nullptr, 8));
+  } catch (const std::exception&) {
+    std::fprintf(stderr, "--unix-socket-mode: '%s' is not an octal mode\n", unix_mode.c_str());
+    return 2;
+  }
 
   // Signals are taken synchronously by the main thread only; block them
   // before any other thread exists so they all inherit the mask.
@@ -75,6 +146,7 @@ int main(int argc, char** argv) {
   sigemptyset(&signals);
   sigaddset(&signals, SIGTERM);
   sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGHUP);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
 
@@ -89,7 +161,16 @@ int main(int argc, char** argv) {
     spdlog::info("ferryd ready ({} io threads{})", options.io_threads ? options.io_threads : std::thread::hardware_concurrency(),
                  test_service ? ", test program enabled" : "");
     int sig = 0;
-    sigwait(&signals, &sig);
+    for (;;) {
+      sigwait(&signals, &sig);
+      if (sig != SIGHUP) break;
+      // SIGHUP: new certificates for new connections; nothing is dropped.
+      try {
+        server.reload_tls();
+      } catch (const ferry::Error& e) {
+        spdlog::error("TLS reload failed, keeping the current certificate: {}", e.message());
+      }
+    }
     spdlog::info("received {}, shutting down (grace {} ms)", sig == SIGTERM ? "SIGTERM" : "SIGINT", shutdown_grace_ms);
     server.shutdown(std::chrono::milliseconds(shutdown_grace_ms));
     spdlog::info("ferryd stopped");

@@ -192,6 +192,11 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
   void on_frame(const Header& header, Buffer body) override {
     switch (header.type) {
       case FrameType::reply:
+        // A SASL reply may be the last plaintext frame: read nothing more
+        // until the exchange has looked at it (security_layer.h).
+        if (header.program == Control::program &&
+            (header.procedure == Control::SaslStart::number || header.procedure == Control::SaslStep::number))
+          connection_->hold_reads();
         if (header.status == FrameStatus::ok) {
           complete(header.serial, RawResult{std::nullopt, std::move(body)});
         } else {
@@ -329,14 +334,69 @@ BufferPool* core_pool(ClientCore& core) { return &core.connection_->pool(); }
 
 }  // namespace detail
 
-asio::awaitable<Client> Client::connect(asio::any_io_executor executor, std::string address, ClientOptions options) {
-  const Endpoint endpoint = Endpoint::parse(address);
-  auto transport = co_await connect_transport(executor, endpoint);
-  auto connection = std::make_shared<Connection>(std::move(transport), options.connection);
-  auto core = std::make_shared<detail::ClientCore>(connection, options);
-  connection->start(core);
-  Client client(core);
+namespace {
 
+// The SASL exchange of connection start (sasl.h). Every SaslStart/SaslStep
+// reply holds the reader; each path out of here resumes it, with the
+// security layer when one was negotiated.
+asio::awaitable<void> authenticate(Client& client, Connection& connection, ServerInfo& info, const Endpoint& endpoint,
+                                   const ClientOptions& options) {
+  using Control = ferry::v1::Control;
+  if (!options.sasl.enabled())
+    throw Error(Code::unauthenticated, "server " + endpoint.to_string() +
+                                           " requires SASL authentication; give a user name and password");
+  const auto timeout = with_timeout(options.connect_timeout);
+  const auto list = co_await client.call<Control::AuthList>(ferry::v1::AuthListCall{}, timeout);
+  std::vector<std::string> offered(list.mechanisms().begin(), list.mechanisms().end());
+  const bool over_tls = connection.peer().transport == "tls";
+  SaslClient sasl(options.sasl, endpoint.kind == Endpoint::Kind::unix_socket ? "localhost" : endpoint.host,
+                  connection.peer());
+  auto [mechanism, token] = sasl.start(offered);
+  ferry::v1::SaslStartCall start;
+  start.set_mechanism(mechanism);
+  if (token) {
+    start.set_data(*token);
+    start.set_has_data(true);
+  }
+  try {
+    auto reply = co_await client.call<Control::SaslStart>(start, timeout);
+    for (;;) {
+      if (reply.complete()) {
+        // The server's last token (SCRAM's server signature) proves it
+        // knew the password too.
+        if (reply.has_data()) sasl.step(reply.data());
+        std::shared_ptr<SecurityLayer> layer;
+        if (reply.ssf() > 0 && !over_tls) {
+          layer = sasl.layer();
+          if (!layer || sasl.ssf() != reply.ssf())
+            throw Error(Code::unauthenticated, "SASL security layer mismatch: server says SSF " +
+                                                   std::to_string(reply.ssf()) + ", client has " +
+                                                   std::to_string(sasl.ssf()), "sasl");
+          connection.secure_writes(layer);
+        }
+        connection.resume_reads(layer);
+        info.mechanism = mechanism;
+        info.user = options.sasl.username;
+        info.ssf = layer ? reply.ssf() : 0;
+        co_return;
+      }
+      auto answer = sasl.step(reply.has_data() ? SaslToken(reply.data()) : std::nullopt);
+      connection.resume_reads();
+      ferry::v1::SaslStepCall step;
+      if (answer) {
+        step.set_data(*answer);
+        step.set_has_data(true);
+      }
+      reply = co_await client.call<Control::SaslStep>(step, timeout);
+    }
+  } catch (...) {
+    connection.resume_reads();
+    throw;
+  }
+}
+
+asio::awaitable<void> hello_and_auth(Client& client, Connection& connection, ServerInfo& info, const Endpoint& endpoint,
+                                     const ClientOptions& options) {
   ferry::v1::HelloCall hello;
   hello.set_protocol_version(1);
   hello.set_max_frame(options.connection.limits.max_frame);
@@ -345,24 +405,53 @@ asio::awaitable<Client> Client::connect(asio::any_io_executor executor, std::str
   hello.set_client_name(options.name);
   hello.set_keepalive_interval_ms(static_cast<std::uint32_t>(options.connection.keepalive_interval.count()));
   hello.set_keepalive_count(options.connection.keepalive_count);
-  ferry::v1::HelloReply reply;
-  try {
-    reply = co_await client.call<ferry::v1::Control::Hello>(hello, with_timeout(options.connect_timeout));
-  } catch (const Error& e) {
-    throw Error(e.code() == Code::deadline_exceeded ? Code::unavailable : e.code(),
-                "handshake with " + endpoint.to_string() + " failed: " + e.message(), e.domain(), e.retryable());
-  }
+  auto reply = co_await client.call<ferry::v1::Control::Hello>(hello, with_timeout(options.connect_timeout));
   if (reply.protocol_version() != 1)
     throw Error(Code::unimplemented,
                 "server speaks protocol version " + std::to_string(reply.protocol_version()) + ", this client 1");
-  ServerInfo& info = core->server_;
   info.name = reply.server_name();
   info.protocol_version = reply.protocol_version();
   info.limits.max_frame = reply.max_frame();
   info.limits.max_chunk = reply.chunk_size();
   info.window = reply.window();
   info.auth_required = reply.auth_required();
-  connection->set_limits(info.limits);
+  connection.set_limits(info.limits);
+  if (info.auth_required) co_await authenticate(client, connection, info, endpoint, options);
+}
+
+}  // namespace
+
+asio::awaitable<Client> Client::connect(asio::any_io_executor executor, std::string address, ClientOptions options) {
+  const Endpoint endpoint = Endpoint::parse(address);
+  std::shared_ptr<TlsContext> tls = options.tls_context;
+  if (!tls && endpoint.kind == Endpoint::Kind::tls) tls = TlsContext::client(options.tls);
+  auto transport = co_await connect_transport(executor, endpoint, tls, options.connect_timeout);
+  // No keepalive probes until the connection is set up: a probe must not
+  // slip between the last SASL step and the security layer switch.
+  ConnectionOptions copts = options.connection;
+  copts.keepalive_interval = std::chrono::milliseconds(0);
+  auto connection = std::make_shared<Connection>(std::move(transport), copts);
+  auto core = std::make_shared<detail::ClientCore>(connection, options);
+  connection->start(core);
+  Client client(core);
+
+  ServerInfo& info = core->server_;
+  std::optional<Error> failed;
+  try {
+    co_await hello_and_auth(client, *connection, info, endpoint, options);
+  } catch (const Error& e) {
+    failed = e;
+  }
+  if (failed) {
+    std::string why = failed->message();
+    // A TLS listener drops a plaintext Hello without a word.
+    if (endpoint.kind == Endpoint::Kind::tcp && info.protocol_version == 0 && failed->code() == Code::unavailable &&
+        why.find("closed by peer") != std::string::npos)
+      why += "; if that port is a TLS listener, connect with ferry+tls://";
+    throw Error(failed->code() == Code::deadline_exceeded ? Code::unavailable : failed->code(),
+                "handshake with " + endpoint.to_string() + " failed: " + why, failed->domain(), failed->retryable());
+  }
+  connection->set_keepalive(options.connection.keepalive_interval, options.connection.keepalive_count);
   co_return client;
 }
 

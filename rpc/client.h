@@ -41,7 +41,9 @@
 #include "rpc/call_options.h"
 #include "rpc/connection.h"
 #include "rpc/error.h"
+#include "rpc/sasl.h"
 #include "rpc/stream_sink.h"
+#include "rpc/tls.h"
 
 namespace ferry::rpc {
 
@@ -49,7 +51,14 @@ struct ClientOptions {
   ConnectionOptions connection;
   std::uint32_t window = 4u << 20;  // stream credit window to propose
   std::string name = "libferry";
+  // Covers the TCP connect, the TLS handshake, Hello and authentication.
   std::chrono::milliseconds connect_timeout{10000};
+  // tls: addresses. `tls_context` (made once with TlsContext::client and
+  // shared by many clients) wins over `tls`.
+  TlsOptions tls;
+  std::shared_ptr<TlsContext> tls_context;
+  // Credentials for servers that ask for SASL (HelloReply.auth_required).
+  SaslClientOptions sasl;
 };
 
 // What the server accepted in Hello.
@@ -59,6 +68,11 @@ struct ServerInfo {
   FrameLimits limits;
   std::uint32_t window = 0;
   bool auth_required = false;
+  // After SASL: the mechanism, the name we authenticated as and the
+  // strength of the security layer (0: none, e.g. over TLS).
+  std::string mechanism;
+  std::string user;
+  unsigned ssf = 0;
 };
 
 namespace detail {

@@ -33,12 +33,14 @@ void spawn(asio::any_io_executor ex, std::shared_ptr<Connection> self, Fn fn) {
 
 Connection::Connection(std::unique_ptr<Transport> transport, ConnectionOptions options)
     : transport_(std::move(transport)),
+      peer_(transport_->peer()),
       executor_(transport_->get_executor()),
       options_(options),
       pool_(options.pool ? options.pool : BufferPool::create()),
       read_buffer_(options.read_buffer_size),
       max_frame_(options.limits.max_frame),
       max_chunk_(options.limits.max_chunk),
+      resume_(executor_),
       wake_(executor_),
       keepalive_timer_(executor_),
       keepalive_ms_(options.keepalive_interval.count()),
@@ -161,8 +163,63 @@ void Connection::close_on_strand(Error reason) {
   }
   transport_->close();
   wake_.cancel();
+  resume_.cancel();
   keepalive_timer_.cancel();
   if (auto handler = std::move(handler_)) handler->on_close(reason);
+}
+
+LayeredTransport& Connection::layered() {
+  if (!layered_) {
+    // Coroutines suspended inside the old transport keep running on it: the
+    // wrapper owns it, and both run on this strand.
+    auto wrapper = std::make_unique<LayeredTransport>(std::move(transport_));
+    layered_ = wrapper.get();
+    transport_ = std::move(wrapper);
+  }
+  return *layered_;
+}
+
+void Connection::hold_reads() { hold_ = true; }
+
+void Connection::resume_reads(std::shared_ptr<SecurityLayer> layer) {
+  asio::dispatch(executor_, [self = shared_from_this(), layer = std::move(layer)]() mutable {
+    if (self->close_handled_) return;
+    if (layer) {
+      // Bytes already in the read buffer arrived after the switch point:
+      // they are protected too.
+      std::span<const std::uint8_t> rest(self->read_buffer_.data() + self->read_begin_,
+                                         self->read_end_ - self->read_begin_);
+      self->layered().start_reading(std::move(layer), rest);
+      self->read_begin_ = self->read_end_ = 0;
+    }
+    self->hold_ = false;
+    self->last_rx_ = std::chrono::steady_clock::now();
+    self->resume_.cancel();
+  });
+}
+
+bool Connection::secure_writes(std::shared_ptr<SecurityLayer> layer) {
+  OutFrame marker;
+  marker.marker = true;
+  marker.then_secure = std::move(layer);
+  return send(std::move(marker), Lane::control);
+}
+
+void Connection::set_peer_auth(std::string user, std::string mechanism, unsigned ssf) {
+  peer_.user = std::move(user);
+  peer_.mechanism = std::move(mechanism);
+  peer_.ssf = ssf;
+}
+
+std::string Connection::tls_mismatch_hint() const {
+  // A TLS record starts with content type 0x15 (alert) or 0x16 (handshake)
+  // and version major 3.
+  if (frames_in_.load(std::memory_order_relaxed) != 0 || peer_.transport == "tls" || layered_) return {};
+  if (read_end_ - read_begin_ < 2) return {};
+  const std::uint8_t* p = read_buffer_.data() + read_begin_;
+  if ((p[0] == 0x15 || p[0] == 0x16) && p[1] == 0x03)
+    return "the peer speaks TLS on this plaintext connection (use a tls: listener / ferry+tls:// address)";
+  return {};
 }
 
 void Connection::set_limits(FrameLimits limits) {
@@ -216,7 +273,12 @@ asio::awaitable<bool> Connection::read_frame(Header& header, Buffer& body) {
     if (after_large_body_) room = std::min(room, large_body_tail);
     auto [ec, n] = co_await transport_->read_some(asio::buffer(read_buffer_.data() + read_end_, room));
     if (ec) {
-      close_on_strand(io_error(ec, peer()));
+      if (auto hint = tls_mismatch_hint(); !hint.empty()) {
+        spdlog::warn("{} from {}: {}", peer().transport, peer().address, hint);
+        close_on_strand(Error(Code::unavailable, "connection closed: " + hint));
+      } else {
+        close_on_strand(io_error(ec, peer()));
+      }
       co_return false;
     }
     read_end_ += n;
@@ -230,9 +292,10 @@ asio::awaitable<bool> Connection::read_frame(Header& header, Buffer& body) {
   auto result = decode_prefix(
       std::span<const std::uint8_t, prefix_size>(read_buffer_.data() + read_begin_, prefix_size), limits);
   if (!result) {
-    spdlog::warn("protocol error from {} ({}): {}; closing the connection", peer().address, peer().transport,
-                 result.error.message);
-    close_on_strand(Error(Code::unavailable, "protocol error: " + result.error.message));
+    std::string why = tls_mismatch_hint();
+    if (why.empty()) why = result.error.message;
+    spdlog::warn("protocol error from {} ({}): {}; closing the connection", peer().address, peer().transport, why);
+    close_on_strand(Error(Code::unavailable, "protocol error: " + why));
     co_return false;
   }
   read_begin_ += prefix_size;
@@ -301,6 +364,10 @@ asio::awaitable<void> Connection::run_reader() {
   while (!close_handled_) {
     if (!co_await read_frame(header, body)) co_return;
     dispatch(header, std::move(body));
+    while (hold_ && !close_handled_) {
+      resume_.expires_at(asio::steady_timer::time_point::max());
+      co_await resume_.async_wait(use_tuple);
+    }
   }
 }
 
@@ -312,6 +379,8 @@ bool Connection::take_batch(std::vector<OutFrame>& batch) {
   while (!control_.empty() && batch.size() < 512) {
     batch.push_back(std::move(control_.front()));
     control_.pop_front();
+    // A layer switch ends the batch: what follows is written through it.
+    if (batch.back().then_secure) return true;
   }
   // Then bulk frames, one per stream in turn.
   std::size_t bulk_bytes = 0;
@@ -338,10 +407,16 @@ asio::awaitable<bool> Connection::write_batch(std::vector<OutFrame>& batch) {
   iov.reserve(batch.size() * 3);
   std::size_t total = 0;
   for (auto& f : batch) {
+    if (f.marker) continue;
     iov.emplace_back(f.prefix.data(), f.prefix.size());
     if (!f.body.empty()) iov.emplace_back(f.body.data(), f.body.size());
     if (!f.payload.empty()) iov.emplace_back(f.payload.data(), f.payload.size());
     total += f.wire_size();
+  }
+  if (iov.empty()) {
+    if (!batch.empty() && batch.back().then_secure) layered().start_writing(std::move(batch.back().then_secure));
+    batch.clear();
+    co_return true;
   }
   auto [ec, n] = co_await transport_->write_all(iov);
   if (ec) {
@@ -351,6 +426,7 @@ asio::awaitable<bool> Connection::write_batch(std::vector<OutFrame>& batch) {
   bytes_out_.fetch_add(total, std::memory_order_relaxed);
   frames_out_.fetch_add(batch.size(), std::memory_order_relaxed);
   writes_.fetch_add(1, std::memory_order_relaxed);
+  if (!batch.empty() && batch.back().then_secure) layered().start_writing(std::move(batch.back().then_secure));
   batch.clear();
   co_return true;
 }

@@ -41,6 +41,7 @@
 #include "rpc/buffer.h"
 #include "rpc/error.h"
 #include "rpc/frame.h"
+#include "rpc/security_layer.h"
 #include "rpc/transport.h"
 
 namespace ferry::rpc {
@@ -54,8 +55,11 @@ struct OutFrame {
   std::span<const std::uint8_t> payload;
   Serial serial = 0;
   FrameType type = FrameType::call;
+  // Every byte written after this frame goes through this layer (SASL).
+  std::shared_ptr<SecurityLayer> then_secure;
+  bool marker = false;  // carries only then_secure: nothing of it is written
 
-  std::size_t wire_size() const { return prefix_size + body.size() + payload.size(); }
+  std::size_t wire_size() const { return marker ? 0 : prefix_size + body.size() + payload.size(); }
 };
 
 enum class Lane {
@@ -121,12 +125,25 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // error reply) or after `deadline`, whichever is first.
   void close_after_flush(Error reason, std::chrono::milliseconds deadline = std::chrono::seconds(2));
 
+  // Security layer switch points (see security_layer.h). hold_reads() is
+  // called on the strand from within FrameHandler::on_frame: no frame after
+  // the current one is read or dispatched until resume_reads(), which any
+  // thread may call; with a layer, everything from the next byte on is
+  // decoded through it. secure_writes() queues the switch behind every
+  // control frame queued so far.
+  void hold_reads();
+  void resume_reads(std::shared_ptr<SecurityLayer> layer = nullptr);
+  bool secure_writes(std::shared_ptr<SecurityLayer> layer);
+  // Who the peer turned out to be after authentication. Strand only, before
+  // any call of the authenticated peer is dispatched.
+  void set_peer_auth(std::string user, std::string mechanism, unsigned ssf);
+
   // New limits after Hello. Thread-safe.
   void set_limits(FrameLimits limits);
   void set_keepalive(std::chrono::milliseconds interval, unsigned count);
 
   bool closed() const { return closed_.load(std::memory_order_acquire); }
-  const PeerIdentity& peer() const { return transport_->peer(); }
+  const PeerIdentity& peer() const { return peer_; }
   asio::any_io_executor get_executor() { return executor_; }
   // Recycles large bodies (read and written); shared with whoever made it.
   BufferPool& pool() { return *pool_; }
@@ -149,8 +166,13 @@ class Connection : public std::enable_shared_from_this<Connection> {
   asio::awaitable<bool> write_batch(std::vector<OutFrame>& batch);
   void close_on_strand(Error reason);
   void wake_writer();
+  LayeredTransport& layered();
+  // A clearer reason when the peer speaks TLS on a plaintext connection.
+  std::string tls_mismatch_hint() const;
 
   std::unique_ptr<Transport> transport_;
+  LayeredTransport* layered_ = nullptr;  // transport_, once a layer was asked for
+  PeerIdentity peer_;
   asio::any_io_executor executor_;
   ConnectionOptions options_;
   std::shared_ptr<FrameHandler> handler_;
@@ -168,6 +190,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::chrono::steady_clock::time_point last_rx_;
   unsigned missed_pings_ = 0;
   std::uint64_t ping_token_ = 0;
+  bool hold_ = false;  // strand only
+  asio::steady_timer resume_;
 
   // Write side.
   mutable std::mutex mutex_;

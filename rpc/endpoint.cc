@@ -12,7 +12,8 @@ namespace {
 Error bad(const std::string& text, const std::string& why) {
   return Error(Code::invalid_argument,
                "bad address '" + text + "': " + why +
-                   " (expected unix:/path, tcp:host:port, ferry+unix:///path or ferry+tcp://host:port)");
+                   " (expected unix:/path, tcp:host:port, tls:host:port, ferry+unix:///path, ferry+tcp://host:port "
+                   "or ferry+tls://host:port)");
 }
 
 Endpoint parse_host_port(const std::string& text, const std::string& hp) {
@@ -56,6 +57,12 @@ Endpoint Endpoint::tcp(std::string host, std::uint16_t port) {
   return e;
 }
 
+Endpoint Endpoint::tls(std::string host, std::uint16_t port) {
+  Endpoint e = tcp(std::move(host), port);
+  e.kind = Kind::tls;
+  return e;
+}
+
 Endpoint Endpoint::parse(const std::string& text) {
   auto starts = [&](const char* p) { return text.rfind(p, 0) == 0; };
   if (starts("ferry+unix://")) {
@@ -72,14 +79,20 @@ Endpoint Endpoint::parse(const std::string& text) {
   }
   if (starts("ferry+tcp://")) return parse_host_port(text, text.substr(12));
   if (starts("tcp:")) return parse_host_port(text, text.substr(4));
+  if (starts("ferry+tls://") || starts("tls:")) {
+    Endpoint e = parse_host_port(text, text.substr(starts("tls:") ? 4 : 12));
+    e.kind = Kind::tls;
+    return e;
+  }
   if (starts("/") || starts("./")) return unix_socket(text);
   throw bad(text, "unknown scheme");
 }
 
 std::string Endpoint::to_string() const {
   if (kind == Kind::unix_socket) return "unix:" + path;
-  if (host.find(':') != std::string::npos) return "tcp:[" + host + "]:" + std::to_string(port);
-  return "tcp:" + host + ":" + std::to_string(port);
+  const std::string scheme = kind == Kind::tls ? "tls:" : "tcp:";
+  if (host.find(':') != std::string::npos) return scheme + "[" + host + "]:" + std::to_string(port);
+  return scheme + host + ":" + std::to_string(port);
 }
 
 std::string Endpoint::to_uri() const {
@@ -89,8 +102,9 @@ std::string Endpoint::to_uri() const {
     auto abs = std::filesystem::absolute(path, ec);
     return "ferry+unix://" + (ec ? path : abs.lexically_normal().string());
   }
-  if (host.find(':') != std::string::npos) return "ferry+tcp://[" + host + "]:" + std::to_string(port);
-  return "ferry+tcp://" + host + ":" + std::to_string(port);
+  const std::string scheme = kind == Kind::tls ? "ferry+tls://" : "ferry+tcp://";
+  if (host.find(':') != std::string::npos) return scheme + "[" + host + "]:" + std::to_string(port);
+  return scheme + host + ":" + std::to_string(port);
 }
 
 }  // namespace ferry::rpc

@@ -194,6 +194,7 @@ class Program {
     std::string name;
     bool may_block = false;
     bool cancellable = false;
+    bool opens_stream = false;  // counted against the per-client stream limit
     std::function<bool(std::shared_ptr<detail::CallState>, Buffer, asio::any_io_executor handler_executor)> invoke;
   };
 

@@ -1,5 +1,7 @@
 #include "rpc/server.h"
 
+#include <grp.h>
+#include <pwd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -21,11 +23,13 @@
 #include <spdlog/spdlog.h>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 
 #include "ferry/v1/control.ferry.h"
 #include "ferry/v1/error.pb.h"
 #include "rpc/connection.h"
 #include "rpc/socket_transport.h"
+#include "rpc/tls.h"
 
 namespace ferry::rpc {
 
@@ -56,7 +60,32 @@ void log_handler_exception(const CallState& state, const Error& error) {
 namespace {
 constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
 using Control = ferry::v1::Control;
+using Clock = std::chrono::steady_clock;
+
+std::string ms_text(std::chrono::milliseconds ms) {
+  if (ms.count() % 1000 == 0) return std::to_string(ms.count() / 1000) + " s";
+  return std::to_string(ms.count()) + " ms";
+}
+
+// A user or group given by name or number.
+std::optional<int> lookup_id(const std::string& text, bool group) {
+  if (!text.empty() && text.find_first_not_of("0123456789") == std::string::npos) return std::stoi(text);
+  if (group) {
+    if (struct group* g = ::getgrnam(text.c_str())) return static_cast<int>(g->gr_gid);
+  } else {
+    if (struct passwd* p = ::getpwnam(text.c_str())) return static_cast<int>(p->pw_uid);
+  }
+  return std::nullopt;
+}
 }  // namespace
+
+const char* to_string(AuthMode mode) { return mode == AuthMode::sasl ? "sasl" : "none"; }
+
+AuthMode parse_auth_mode(const std::string& text) {
+  if (text == "none") return AuthMode::none;
+  if (text == "sasl") return AuthMode::sasl;
+  throw Error(Code::invalid_argument, "unknown auth mode '" + text + "' (expected none or sasl)");
+}
 
 class Server::Impl {
  public:
@@ -90,8 +119,17 @@ class Server::Impl {
   std::map<std::uint32_t, std::shared_ptr<Program>> programs_;
 
   std::vector<std::unique_ptr<asio::local::stream_protocol::acceptor>> unix_acceptors_;
-  std::vector<std::unique_ptr<asio::ip::tcp::acceptor>> tcp_acceptors_;
+  struct InetAcceptor {
+    std::unique_ptr<asio::ip::tcp::acceptor> acceptor;
+    bool tls = false;
+  };
+  std::vector<InetAcceptor> tcp_acceptors_;
   std::vector<std::string> unix_paths_;
+  std::vector<int> unix_allowed_uids_;
+
+  // The TLS context for new connections; replaced by reload_tls().
+  mutable std::mutex tls_mutex_;
+  std::shared_ptr<TlsContext> tls_;
 
   mutable std::mutex mutex_;
   std::condition_variable cv_;
@@ -106,11 +144,34 @@ class Server::Impl {
   std::atomic<std::uint64_t> calls_cancelled_{0};
   std::atomic<std::uint64_t> protocol_errors_{0};
   std::atomic<std::uint64_t> clients_refused_{0};
+  std::atomic<std::uint64_t> auth_failures_{0};
+  // Connections not yet authenticated: TLS handshakes in progress plus
+  // sessions before Hello/SASL completed.
+  std::atomic<std::size_t> unauthenticated_{0};
+  std::atomic<std::size_t> handshakes_{0};
 
-  void accept_connection(std::unique_ptr<Transport> transport);
+  std::shared_ptr<TlsContext> tls_context() const {
+    std::lock_guard lock(tls_mutex_);
+    return tls_;
+  }
+  AuthMode auth_for(const std::string& transport) const {
+    if (transport == "tls") return options_.auth_tls;
+    if (transport == "tcp") return options_.auth_tcp;
+    return options_.auth_unix;
+  }
+  // Counts a new unauthenticated connection unless the limit is reached.
+  bool admit_unauthenticated() {
+    std::size_t n = unauthenticated_.load();
+    do {
+      if (n >= options_.max_unauthenticated_clients) return false;
+    } while (!unauthenticated_.compare_exchange_weak(n, n + 1));
+    return true;
+  }
+  void accept_connection(std::unique_ptr<Transport> transport, bool counted_unauthenticated, Clock::time_point accepted);
+  asio::awaitable<void> tls_handshake(asio::ip::tcp::socket socket, Clock::time_point accepted);
   void session_closed(const std::shared_ptr<Session>& session);
   template <class Acceptor>
-  asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string name);
+  asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string name, bool tls);
   void begin_shutdown();
   void finish_shutdown();
 };
@@ -124,8 +185,29 @@ class Server::Impl::Session final : public FrameHandler,
  public:
   // The server outlives its sessions: shutdown joins the io threads before
   // the Impl goes away, so a plain pointer suffices and makes no cycle.
-  Session(Impl* server, std::shared_ptr<Connection> connection) : connection_(std::move(connection)), server_(server) {
+  Session(Impl* server, std::shared_ptr<Connection> connection, bool counted_unauthenticated)
+      : connection_(std::move(connection)),
+        server_(server),
+        auth_(server->auth_for(connection_->peer().transport)),
+        counted_unauthenticated_(counted_unauthenticated),
+        auth_timer_(connection_->get_executor()),
+        idle_timer_(connection_->get_executor()) {
     max_frame_.store(server->options_.limits.max_frame, std::memory_order_relaxed);
+    touch();
+  }
+
+  // Arms the auth and idle timers; `accepted` is when the socket was
+  // accepted, so a TLS handshake counts against the auth timeout.
+  void start_timers(Clock::time_point accepted) {
+    std::weak_ptr<Session> weak = shared_from_this();
+    if (server_->options_.auth_timeout.count() > 0) {
+      auth_timer_.expires_at(accepted + server_->options_.auth_timeout);
+      auth_timer_.async_wait([weak](std::error_code ec) {
+        if (ec) return;
+        if (auto self = weak.lock()) self->auth_timed_out();
+      });
+    }
+    if (server_->options_.idle_timeout.count() > 0) arm_idle_timer(server_->options_.idle_timeout);
   }
 
   void on_frame(const Header& header, Buffer body) override {
@@ -151,6 +233,9 @@ class Server::Impl::Session final : public FrameHandler,
   }
 
   void on_close(const Error& reason) override {
+    release_unauthenticated();
+    auth_timer_.cancel();
+    idle_timer_.cancel();
     std::vector<std::shared_ptr<detail::CallState>> calls;
     std::vector<std::shared_ptr<StreamSink>> streams;
     {
@@ -175,7 +260,9 @@ class Server::Impl::Session final : public FrameHandler,
     {
       std::lock_guard lock(mutex_);
       if (calls_.erase(call.serial) == 0) return;
+      stream_calls_.erase(call.serial);
     }
+    touch();
     server_->calls_in_flight_.fetch_sub(1, std::memory_order_relaxed);
     Header h = call;
     h.type = FrameType::reply;
@@ -280,6 +367,13 @@ class Server::Impl::Session final : public FrameHandler,
                            "Hello (program 0 procedure 1) must be the first call on a connection"));
       return;
     }
+    if (!authenticated_) {
+      reply_error(h, Error(Code::unauthenticated,
+                           "authentication required: this listener needs SASL (AuthList, SaslStart, SaslStep) "
+                           "before any call of program " + std::to_string(h.program)));
+      return;
+    }
+    touch();
     if (server_->shutting_down_.load()) {
       reply_error(h, Error(Code::unavailable, "server is shutting down", "rpc", true));
       return;
@@ -320,6 +414,17 @@ class Server::Impl::Session final : public FrameHandler,
                                  std::to_string(server_->options_.max_calls_per_client) + "); retry later",
                              "rpc", true));
         return;
+      }
+      if (entry->opens_stream) {
+        if (stream_calls_.size() >= server_->options_.max_streams_per_client) {
+          reply_error(h, Error(Code::resource_exhausted,
+                               "too many streams open on this connection (limit " +
+                                   std::to_string(server_->options_.max_streams_per_client) +
+                                   ", max_streams_per_client); finish one and retry",
+                               "rpc", true));
+          return;
+        }
+        stream_calls_.insert(h.serial);
       }
       calls_.emplace(h.serial, state);
     }
@@ -408,7 +513,7 @@ class Server::Impl::Session final : public FrameHandler,
         reply.set_server_name(server_->options_.name);
         reply.set_keepalive_interval_ms(static_cast<std::uint32_t>(server_->options_.keepalive_interval.count()));
         reply.set_keepalive_count(server_->options_.keepalive_count);
-        reply.set_auth_required(false);
+        reply.set_auth_required(auth_ == AuthMode::sasl);
         client_name_ = hello.client_name();
         connection_->set_limits(negotiated);
         max_frame_.store(negotiated.max_frame, std::memory_order_relaxed);
@@ -422,6 +527,7 @@ class Server::Impl::Session final : public FrameHandler,
         r.type = FrameType::reply;
         r.status = FrameStatus::ok;
         connection_->send(r, serialize(reply));
+        if (auth_ == AuthMode::none) mark_authenticated();
         spdlog::debug("client {} ({}) said hello as '{}'", peer().address, peer().transport, client_name_);
         return;
       }
@@ -436,7 +542,19 @@ class Server::Impl::Session final : public FrameHandler,
         return;
       }
       case Control::AuthList::number: {
-        ferry::v1::AuthListReply reply;  // no authentication configured: empty list
+        if (!hello_done_) {
+          reply_error(h, Error(Code::failed_precondition, "Hello must come before AuthList"));
+          return;
+        }
+        ferry::v1::AuthListReply reply;  // empty: this listener asks for no SASL
+        if (auth_ == AuthMode::sasl && !authenticated_) {
+          try {
+            for (auto& m : sasl().mechanisms()) reply.add_mechanisms(m);
+          } catch (const Error& e) {
+            reply_error(h, e);
+            return;
+          }
+        }
         Header r = h;
         r.type = FrameType::reply;
         connection_->send(r, serialize(reply));
@@ -444,7 +562,7 @@ class Server::Impl::Session final : public FrameHandler,
       }
       case Control::SaslStart::number:
       case Control::SaslStep::number:
-        reply_error(h, Error(Code::failed_precondition, "SASL is not enabled on this server"));
+        on_sasl(h, body);
         return;
       default:
         reply_error(h, Error(Code::unimplemented, "program 0 has no procedure " + std::to_string(h.procedure)));
@@ -452,7 +570,167 @@ class Server::Impl::Session final : public FrameHandler,
     }
   }
 
+  SaslServer& sasl() {
+    if (!sasl_) sasl_ = std::make_unique<SaslServer>(server_->options_.sasl, peer(), std::string(), peer().address);
+    return *sasl_;
+  }
+
+  // SaslStart / SaslStep. Cyrus may read its password database (or ask
+  // saslauthd), so the step runs on the worker pool; the reader holds until
+  // the answer is queued, because the next byte may already be protected
+  // by the security layer this step negotiates.
+  void on_sasl(const Header& h, const Buffer& body) {
+    if (!hello_done_) {
+      reply_error(h, Error(Code::failed_precondition, "Hello must come before SASL"));
+      return;
+    }
+    if (auth_ != AuthMode::sasl) {
+      reply_error(h, Error(Code::failed_precondition, "this listener does not use SASL (auth is " +
+                                                          std::string(to_string(auth_)) + ")"));
+      return;
+    }
+    if (authenticated_) {
+      reply_error(h, Error(Code::failed_precondition, "already authenticated on this connection"));
+      return;
+    }
+    std::string mechanism;
+    SaslToken token;
+    const bool start = h.procedure == Control::SaslStart::number;
+    bool parsed;
+    if (start) {
+      ferry::v1::SaslStartCall call;
+      parsed = call.ParseFromArray(body.data(), static_cast<int>(body.size()));
+      mechanism = call.mechanism();
+      if (call.has_data() || !call.data().empty()) token = call.data();
+    } else {
+      ferry::v1::SaslStepCall call;
+      parsed = call.ParseFromArray(body.data(), static_cast<int>(body.size()));
+      if (call.has_data() || !call.data().empty()) token = call.data();
+    }
+    if (!parsed) {
+      reply_error(h, Error(Code::invalid_argument, "malformed SASL body; closing the connection"));
+      connection_->close_after_flush(Error(Code::unavailable, "protocol error: malformed SASL body"));
+      return;
+    }
+    try {
+      (void)sasl();
+    } catch (const Error& e) {
+      reply_error(h, e);
+      return;
+    }
+    connection_->hold_reads();
+    auto self = shared_from_this();
+    asio::post(server_->workers_, [self, h, start, mechanism = std::move(mechanism), token = std::move(token)] {
+      std::optional<SaslResult> result;
+      std::optional<Error> error;
+      try {
+        result = start ? self->sasl_->start(mechanism, token) : self->sasl_->step(token);
+      } catch (const Error& e) {
+        error = e;
+      } catch (const std::exception& e) {
+        error = Error(Code::internal, std::string("SASL step failed: ") + e.what(), "sasl");
+      }
+      asio::dispatch(self->connection_->get_executor(),
+                     [self, h, result = std::move(result), error = std::move(error)] {
+                       self->sasl_done(h, result, error);
+                     });
+    });
+  }
+
+  void sasl_done(const Header& h, const std::optional<SaslResult>& result, const std::optional<Error>& error) {
+    if (error) {
+      reply_error(h, *error);
+      server_->auth_failures_.fetch_add(1, std::memory_order_relaxed);
+      if (++auth_failures_ >= 3) {
+        spdlog::warn("client {}: {} failed authentication attempts; closing", peer().address, auth_failures_);
+        goodbye(Code::unauthenticated, "too many failed authentication attempts");
+      }
+      connection_->resume_reads();
+      return;
+    }
+    ferry::v1::SaslStepReply reply;
+    reply.set_complete(result->complete);
+    if (result->data) {
+      reply.set_data(*result->data);
+      reply.set_has_data(true);
+    }
+    std::shared_ptr<SecurityLayer> layer;
+    if (result->complete && peer().transport != "tls") layer = sasl_->layer();
+    reply.set_ssf(layer ? result->ssf : 0);
+    Header r = h;
+    r.type = FrameType::reply;
+    r.status = FrameStatus::ok;
+    connection_->send(r, serialize(reply));
+    if (result->complete) {
+      connection_->set_peer_auth(result->user, sasl_->mechanism(), layer ? result->ssf : 0);
+      if (layer) connection_->secure_writes(layer);
+      spdlog::info("client {} authenticated as '{}' with {}{}", peer().address, result->user, sasl_->mechanism(),
+                   layer ? " (security layer, SSF " + std::to_string(result->ssf) + ")" : std::string());
+      mark_authenticated();
+    }
+    connection_->resume_reads(layer);
+  }
+
+  void release_unauthenticated() {
+    if (counted_unauthenticated_.exchange(false)) server_->unauthenticated_.fetch_sub(1);
+  }
+
+  void mark_authenticated() {
+    authenticated_ = true;
+    release_unauthenticated();
+    auth_timer_.cancel();
+  }
+
+  void auth_timed_out() {
+    if (authenticated_ || refused_) return;
+    server_->auth_failures_.fetch_add(1, std::memory_order_relaxed);
+    const std::string what = auth_ == AuthMode::sasl ? "authentication" : "Hello";
+    spdlog::warn("client {} ({}): {} not completed within {} (auth_timeout); closing", peer().address,
+                 peer().transport, what, ms_text(server_->options_.auth_timeout));
+    refuse(Code::unauthenticated,
+           what + " not completed within " + ms_text(server_->options_.auth_timeout) + " (auth_timeout)");
+  }
+
+  void touch() {
+    last_activity_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+  }
+
+  void arm_idle_timer(Clock::duration after) {
+    std::weak_ptr<Session> weak = shared_from_this();
+    idle_timer_.expires_after(after);
+    idle_timer_.async_wait([weak](std::error_code ec) {
+      if (ec) return;
+      if (auto self = weak.lock()) self->check_idle();
+    });
+  }
+
+  void check_idle() {
+    const auto timeout = server_->options_.idle_timeout;
+    bool busy;
+    {
+      std::lock_guard lock(mutex_);
+      busy = !calls_.empty() || !streams_.empty() || closed_;
+    }
+    const auto last = Clock::time_point(Clock::duration(last_activity_.load(std::memory_order_relaxed)));
+    const auto idle = Clock::now() - last;
+    if (busy || idle < timeout) {
+      arm_idle_timer(busy ? Clock::duration(timeout) : timeout - idle);
+      return;
+    }
+    spdlog::info("client {} idle for {} (idle_timeout); closing", peer().address, ms_text(timeout));
+    goodbye(Code::unavailable, "idle for " + ms_text(timeout) + " with nothing in flight (idle_timeout); reconnect when needed");
+  }
+
   Impl* server_;
+  AuthMode auth_;
+  bool authenticated_ = false;  // strand only
+  std::atomic<bool> counted_unauthenticated_;
+  std::unique_ptr<SaslServer> sasl_;  // strand, or the worker running a step while reads are held
+  unsigned auth_failures_ = 0;
+  asio::steady_timer auth_timer_;
+  asio::steady_timer idle_timer_;
+  std::atomic<Clock::rep> last_activity_{0};
+  std::unordered_set<Serial> stream_calls_;  // guarded by mutex_
   mutable std::mutex mutex_;
   std::unordered_map<Serial, std::shared_ptr<StreamSink>> streams_;
   std::deque<Serial> recently_closed_;
@@ -465,7 +743,8 @@ class Server::Impl::Session final : public FrameHandler,
   std::string client_name_;
 };
 
-void Server::Impl::accept_connection(std::unique_ptr<Transport> transport) {
+void Server::Impl::accept_connection(std::unique_ptr<Transport> transport, bool counted_unauthenticated,
+                                     Clock::time_point accepted) {
   ConnectionOptions copts;
   copts.limits = options_.limits;
   copts.keepalive_interval = options_.keepalive_interval;
@@ -473,35 +752,80 @@ void Server::Impl::accept_connection(std::unique_ptr<Transport> transport) {
   copts.socket_buffer_bytes = options_.socket_buffer_bytes;
   copts.pool = pool_;
   auto connection = std::make_shared<Connection>(std::move(transport), copts);
-  auto session = std::make_shared<Session>(this, connection);
-  bool refuse = false;
+  const PeerIdentity& peer = connection->peer();
+  if (!counted_unauthenticated) counted_unauthenticated = admit_unauthenticated();
+  auto session = std::make_shared<Session>(this, connection, counted_unauthenticated);
+  // Why this client is turned away, if it is: said in a Goodbye, then closed.
+  std::optional<std::pair<Code, std::string>> refusal;
   std::size_t count = 0;
   {
     std::lock_guard lock(mutex_);
     count = sessions_.size();
-    if (shutting_down_.load() || count >= options_.max_clients) {
-      refuse = true;
+    if (shutting_down_.load()) {
+      refusal.emplace(Code::unavailable, "server is shutting down");
+    } else if (count >= options_.max_clients) {
+      refusal.emplace(Code::resource_exhausted,
+                      "too many clients (max_clients " + std::to_string(options_.max_clients) + "); try again later");
+    } else if (!counted_unauthenticated) {
+      refusal.emplace(Code::resource_exhausted,
+                      "too many connections still authenticating (max_unauthenticated_clients " +
+                          std::to_string(options_.max_unauthenticated_clients) + "); try again later");
     } else {
       sessions_.insert(session);
     }
   }
-  if (refuse) {
+  if (!refusal && peer.transport == "unix" && !unix_allowed_uids_.empty() &&
+      (!peer.uid || std::find(unix_allowed_uids_.begin(), unix_allowed_uids_.end(), *peer.uid) ==
+                        unix_allowed_uids_.end())) {
+    refusal.emplace(Code::permission_denied, "uid " + (peer.uid ? std::to_string(*peer.uid) : std::string("?")) +
+                                                 " is not allowed to use this socket (unix_allowed_users)");
+  }
+  if (!refusal && peer.transport == "tls" && !dn_allowed(peer.tls_subject, options_.tls.allowed_dn)) {
+    refusal.emplace(Code::permission_denied,
+                    peer.tls_subject.empty()
+                        ? std::string("a client certificate is required (tls allowed_dn is set)")
+                        : "client certificate '" + peer.tls_subject + "' is not in the allowed DN list");
+  }
+  if (refusal) {
     clients_refused_.fetch_add(1, std::memory_order_relaxed);
+    if (refusal->first == Code::permission_denied) auth_failures_.fetch_add(1, std::memory_order_relaxed);
+    if (refusal->first != Code::unavailable)
+      spdlog::warn("refusing client {} ({}): {}", peer.address, peer.transport, refusal->second);
+    {
+      std::lock_guard lock(mutex_);
+      sessions_.erase(session);
+    }
     // A session that is never listed: it only says why, then closes. It is
     // marked refused before it starts reading, so it answers nothing else.
-    if (shutting_down_.load()) {
-      session->refuse(Code::unavailable, "server is shutting down");
-    } else {
-      spdlog::warn("refusing client {}: {} clients connected (max_clients {})", connection->peer().address, count,
-                   options_.max_clients);
-      session->refuse(Code::resource_exhausted,
-                      "too many clients (max_clients " + std::to_string(options_.max_clients) + "); try again later");
-    }
+    session->refuse(refusal->first, refusal->second);
     connection->start(session);
     return;
   }
-  spdlog::debug("client {} connected over {}", connection->peer().address, connection->peer().transport);
+  spdlog::debug("client {} connected over {}", peer.address, peer.transport);
   connection->start(session);
+  asio::dispatch(connection->get_executor(), [session, accepted] { session->start_timers(accepted); });
+}
+
+asio::awaitable<void> Server::Impl::tls_handshake(asio::ip::tcp::socket socket, Clock::time_point accepted) {
+  // Counted as unauthenticated (by the caller) from accept on.
+  std::string address = "?";
+  {
+    std::error_code ec;
+    auto ep = socket.remote_endpoint(ec);
+    if (!ec) address = ep.address().to_string() + ":" + std::to_string(ep.port());
+  }
+  std::unique_ptr<Transport> transport;
+  try {
+    transport = co_await TlsTransport::accept(std::move(socket), tls_context(), options_.auth_timeout);
+  } catch (const Error& e) {
+    auth_failures_.fetch_add(1, std::memory_order_relaxed);
+    handshakes_.fetch_sub(1);
+    unauthenticated_.fetch_sub(1);
+    spdlog::warn("{}", e.message());
+    co_return;
+  }
+  handshakes_.fetch_sub(1);
+  accept_connection(std::move(transport), true, accepted);
 }
 
 void Server::Impl::session_closed(const std::shared_ptr<Session>& session) {
@@ -511,7 +835,7 @@ void Server::Impl::session_closed(const std::shared_ptr<Session>& session) {
 }
 
 template <class Acceptor>
-asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string name) {
+asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string name, bool tls) {
   while (!shutting_down_.load()) {
     auto [ec, socket] = co_await acceptor.async_accept(next_context(), use_tuple);
     if (ec == asio::error::operation_aborted || shutting_down_.load()) break;
@@ -522,11 +846,34 @@ asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string 
       co_await t.async_wait(use_tuple);
       continue;
     }
+    const auto accepted = Clock::now();
     using Protocol = typename std::decay_t<decltype(socket)>::protocol_type;
-    if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>)
-      accept_connection(std::make_unique<UnixTransport>(UnixTransport::Socket(std::move(socket))));
-    else
-      accept_connection(std::make_unique<TcpTransport>(TcpTransport::Socket(std::move(socket))));
+    if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>) {
+      accept_connection(std::make_unique<UnixTransport>(UnixTransport::Socket(std::move(socket))), false, accepted);
+    } else if (!tls) {
+      accept_connection(std::make_unique<TcpTransport>(TcpTransport::Socket(std::move(socket))), false, accepted);
+    } else {
+      // Before spending a handshake on it: is there room? Without TLS up
+      // there is no way to say why, so the socket is just closed.
+      std::size_t clients;
+      {
+        std::lock_guard lock(mutex_);
+        clients = sessions_.size();
+      }
+      if (clients + handshakes_.load() >= options_.max_clients || !admit_unauthenticated()) {
+        clients_refused_.fetch_add(1, std::memory_order_relaxed);
+        std::error_code rec;
+        auto ep = socket.remote_endpoint(rec);
+        spdlog::warn("refusing TLS client {}: {}", rec ? std::string("?") : ep.address().to_string(),
+                     clients + handshakes_.load() >= options_.max_clients ? "max_clients reached"
+                                                                          : "max_unauthenticated_clients reached");
+        socket.close(rec);
+        continue;
+      }
+      handshakes_.fetch_add(1);
+      auto executor = socket.get_executor();
+      asio::co_spawn(executor, tls_handshake(std::move(socket), accepted), asio::detached);
+    }
   }
 }
 
@@ -535,7 +882,7 @@ void Server::Impl::begin_shutdown() {
   asio::post(io(), [this] {
     std::error_code ec;
     for (auto& a : unix_acceptors_) a->close(ec);
-    for (auto& a : tcp_acceptors_) a->close(ec);
+    for (auto& a : tcp_acceptors_) a.acceptor->close(ec);
   });
 }
 
@@ -565,6 +912,20 @@ Endpoint Server::listen(const Endpoint& endpoint) {
     if (!ec) acceptor->bind(asio::local::stream_protocol::endpoint(endpoint.path), ec);
     if (!ec && ::chmod(endpoint.path.c_str(), impl_->options_.unix_socket_mode) != 0)
       ec = std::error_code(errno, std::generic_category());
+    if (!ec && !impl_->options_.unix_socket_group.empty()) {
+      auto gid = lookup_id(impl_->options_.unix_socket_group, true);
+      if (!gid)
+        throw Error(Code::invalid_argument, "unix socket group '" + impl_->options_.unix_socket_group + "' does not exist");
+      if (::chown(endpoint.path.c_str(), static_cast<uid_t>(-1), static_cast<gid_t>(*gid)) != 0)
+        ec = std::error_code(errno, std::generic_category());
+    }
+    if (impl_->unix_allowed_uids_.empty()) {
+      for (const auto& u : impl_->options_.unix_allowed_users) {
+        auto uid = lookup_id(u, false);
+        if (!uid) throw Error(Code::invalid_argument, "unix_allowed_users: no such user '" + u + "'");
+        impl_->unix_allowed_uids_.push_back(*uid);
+      }
+    }
     if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
     if (ec) throw Error(Code::unavailable, "cannot listen on " + endpoint.to_string() + ": " + ec.message());
     impl_->unix_acceptors_.push_back(std::move(acceptor));
@@ -586,8 +947,17 @@ Endpoint Server::listen(const Endpoint& endpoint) {
   if (ec) throw Error(Code::unavailable, "cannot listen on " + endpoint.to_string() + ": " + ec.message());
   auto bound = acceptor->local_endpoint();
   Endpoint result = Endpoint::tcp(bound.address().to_string(), bound.port());
-  impl_->tcp_acceptors_.push_back(std::move(acceptor));
-  spdlog::info("listening on {}", result.to_string());
+  const bool tls = endpoint.kind == Endpoint::Kind::tls;
+  if (tls) {
+    result.kind = Endpoint::Kind::tls;
+    std::lock_guard lock(impl_->tls_mutex_);
+    if (!impl_->tls_) impl_->tls_ = TlsContext::server(impl_->options_.tls);
+  }
+  if (impl_->auth_for(tls ? "tls" : "tcp") == AuthMode::sasl) sasl_global_init();
+  impl_->tcp_acceptors_.push_back(Impl::InetAcceptor{std::move(acceptor), tls});
+  spdlog::info("listening on {} (auth {}{})", result.to_string(), to_string(impl_->auth_for(tls ? "tls" : "tcp")),
+               tls ? impl_->options_.tls.verify_peer ? ", client certificates required" : ", no client certificates"
+                   : "");
   return result;
 }
 
@@ -599,8 +969,9 @@ void Server::start() {
     impl.started_ = true;
   }
   for (auto& a : impl.unix_acceptors_)
-    asio::co_spawn(impl.io(), impl.accept_loop(*a, "unix"), asio::detached);
-  for (auto& a : impl.tcp_acceptors_) asio::co_spawn(impl.io(), impl.accept_loop(*a, "tcp"), asio::detached);
+    asio::co_spawn(impl.io(), impl.accept_loop(*a, "unix", false), asio::detached);
+  for (auto& a : impl.tcp_acceptors_)
+    asio::co_spawn(impl.io(), impl.accept_loop(*a.acceptor, a.tls ? "tls" : "tcp", a.tls), asio::detached);
   for (unsigned i = 0; i < impl.io_threads_; ++i) {
     impl.threads_.emplace_back([&impl, i] {
       asio::io_context& context = *impl.contexts_[i];
@@ -615,6 +986,21 @@ void Server::start() {
       }
     });
   }
+}
+
+void Server::reload_tls() {
+  {
+    std::lock_guard lock(impl_->tls_mutex_);
+    if (!impl_->tls_) return;  // no TLS listener
+  }
+  auto fresh = TlsContext::server(impl_->options_.tls);  // throws, keeping the old one
+  std::shared_ptr<TlsContext> old;
+  {
+    std::lock_guard lock(impl_->tls_mutex_);
+    old = std::move(impl_->tls_);
+    impl_->tls_ = fresh;
+  }
+  spdlog::info("TLS certificate reloaded: {} (was {})", fresh->fingerprint(), old ? old->fingerprint() : "none");
 }
 
 void Server::shutdown(std::chrono::milliseconds grace) {
@@ -686,6 +1072,8 @@ ServerStats Server::stats() const {
   s.calls_cancelled = impl_->calls_cancelled_.load();
   s.protocol_errors = impl_->protocol_errors_.load();
   s.clients_refused = impl_->clients_refused_.load();
+  s.clients_unauthenticated = impl_->unauthenticated_.load();
+  s.auth_failures = impl_->auth_failures_.load();
   s.buffer_bytes_in_use = impl_->pool_->in_use_bytes();
   return s;
 }

@@ -22,6 +22,8 @@
 #include "rpc/endpoint.h"
 #include "rpc/frame.h"
 #include "rpc/program.h"
+#include "rpc/sasl.h"
+#include "rpc/tls.h"
 
 namespace asio {
 class io_context;
@@ -29,17 +31,40 @@ class io_context;
 
 namespace ferry::rpc {
 
+// How clients of a listener prove who they are. `none` still has the
+// transport's own checks: UNIX peer credentials and socket mode, TLS client
+// certificates and the allowed DN list.
+enum class AuthMode { none, sasl };
+const char* to_string(AuthMode mode);
+AuthMode parse_auth_mode(const std::string& text);  // "none" | "sasl"; throws INVALID_ARGUMENT
+
 struct ServerOptions {
   unsigned io_threads = 0;      // 0: one per core
   unsigned worker_threads = 4;  // for may_block handlers
   std::size_t max_clients = 1024;
+  // Connected but not yet through Hello (and SASL where required),
+  // including TLS handshakes in progress.
+  std::size_t max_unauthenticated_clients = 64;
   std::size_t max_calls_per_client = 16384;
+  std::size_t max_streams_per_client = 64;
+  // From accept to the end of authentication (TLS handshake, Hello, SASL).
+  std::chrono::milliseconds auth_timeout{10000};
+  // A connection with no call or stream in flight for this long is closed
+  // (with a Goodbye saying so); 0: never.
+  std::chrono::milliseconds idle_timeout{0};
   FrameLimits limits;
   std::uint32_t window = 4u << 20;
   std::chrono::milliseconds keepalive_interval{5000};  // 0 disables probing
   unsigned keepalive_count = 3;
   std::string name = "ferryd";
   unsigned unix_socket_mode = 0600;
+  std::string unix_socket_group;              // chgrp the socket to this group (name or number); empty: ours
+  std::vector<std::string> unix_allowed_users;  // peer uids (names or numbers) let in; empty: anyone who can open it
+  TlsOptions tls;                             // for tls: listeners
+  SaslServerOptions sasl;                     // for listeners with AuthMode::sasl
+  AuthMode auth_unix = AuthMode::none;
+  AuthMode auth_tcp = AuthMode::none;
+  AuthMode auth_tls = AuthMode::none;
   int socket_buffer_bytes = 0;  // SO_SNDBUF/SO_RCVBUF per connection; 0 = kernel autotuning
 };
 
@@ -49,7 +74,9 @@ struct ServerStats {
   std::uint64_t calls_total = 0;
   std::uint64_t calls_cancelled = 0;
   std::uint64_t protocol_errors = 0;
-  std::uint64_t clients_refused = 0;
+  std::uint64_t clients_refused = 0;        // over max_clients / max_unauthenticated_clients, or shutting down
+  std::size_t clients_unauthenticated = 0;
+  std::uint64_t auth_failures = 0;          // TLS handshakes and SASL exchanges that failed, auth timeouts
   std::uint64_t buffer_bytes_in_use = 0;  // pooled frame buffers held anywhere in the server
 };
 
@@ -69,6 +96,11 @@ class Server {
 
   // Starts the io and worker threads and begins accepting.
   void start();
+
+  // Loads the TLS certificate, key and CAs again (ServerOptions::tls) for
+  // connections accepted from now on; those already up keep theirs. On a
+  // bad file the old context stays and ferry::Error says why.
+  void reload_tls();
 
   // Graceful shutdown: stop accepting, answer new calls UNAVAILABLE, give
   // calls in flight `grace` to finish, cancel the rest, answer whatever is

@@ -14,6 +14,7 @@
 #include <asio/write.hpp>
 
 #include "rpc/error.h"
+#include "rpc/tls.h"
 
 namespace ferry::rpc {
 
@@ -121,7 +122,9 @@ template class SocketTransport<asio::local::stream_protocol>;
 template class SocketTransport<asio::ip::tcp>;
 
 asio::awaitable<std::unique_ptr<Transport>> connect_transport(asio::any_io_executor executor,
-                                                              const Endpoint& endpoint) {
+                                                              const Endpoint& endpoint,
+                                                              std::shared_ptr<TlsContext> tls,
+                                                              std::chrono::milliseconds timeout) {
   auto strand = asio::make_strand(executor);
   if (endpoint.kind == Endpoint::Kind::unix_socket) {
     asio::local::stream_protocol::socket socket(strand);
@@ -139,6 +142,10 @@ asio::awaitable<std::unique_ptr<Transport>> connect_transport(asio::any_io_execu
   asio::ip::tcp::socket socket(strand);
   auto [ec, ep] = co_await asio::async_connect(socket, results, use_tuple);
   if (ec) throw Error(Code::unavailable, "cannot connect to " + endpoint.to_string() + ": " + ec.message());
+  if (endpoint.kind == Endpoint::Kind::tls) {
+    if (!tls) tls = TlsContext::client(TlsOptions{});
+    co_return co_await TlsTransport::connect(std::move(socket), std::move(tls), endpoint.host, timeout);
+  }
   co_return std::make_unique<TcpTransport>(std::move(socket));
 }
 

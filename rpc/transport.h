@@ -9,6 +9,7 @@
 #include <asio/any_io_executor.hpp>
 #include <asio/awaitable.hpp>
 #include <asio/buffer.hpp>
+#include <chrono>
 #include <cstddef>
 #include <memory>
 #include <optional>
@@ -22,12 +23,23 @@
 namespace ferry::rpc {
 
 struct PeerIdentity {
-  std::string transport;  // "unix", "tcp"
+  std::string transport;  // "unix", "tcp", "tls"
   std::string address;    // remote address, for logs
   // UNIX sockets: SO_PEERCRED of the process that connected.
   std::optional<int> uid;
   std::optional<int> gid;
   std::optional<int> pid;
+  // TLS: the session and the peer's certificate (if it showed one).
+  std::string tls_version;      // "TLSv1.3"
+  std::string tls_cipher;       // "TLS_AES_256_GCM_SHA384"
+  int tls_bits = 0;             // symmetric key strength, the SSF TLS gives SASL
+  std::string tls_subject;      // RFC 2253, "CN=client1,O=ferry tests"
+  std::string tls_fingerprint;  // SHA-256 of the certificate, hex
+  // SASL: who authenticated, how, and the strength of its security layer
+  // (0: none; the transport's own protection applies).
+  std::string user;
+  std::string mechanism;
+  unsigned ssf = 0;
 };
 
 using IoResult = std::tuple<std::error_code, std::size_t>;
@@ -72,9 +84,14 @@ class Transport {
   PeerIdentity peer_;
 };
 
-// Connects to `endpoint` on a new strand of `executor`. Throws ferry::Error
-// (UNAVAILABLE) with the address and the system's reason.
-asio::awaitable<std::unique_ptr<Transport>> connect_transport(asio::any_io_executor executor,
-                                                              const Endpoint& endpoint);
+class TlsContext;
+
+// Connects to `endpoint` on a new strand of `executor`; a tls: endpoint
+// also runs the TLS handshake with `tls` (the system's CAs when null).
+// Throws ferry::Error: UNAVAILABLE with the address and the system's
+// reason, UNAUTHENTICATED when the server's certificate is refused.
+asio::awaitable<std::unique_ptr<Transport>> connect_transport(
+    asio::any_io_executor executor, const Endpoint& endpoint, std::shared_ptr<TlsContext> tls = nullptr,
+    std::chrono::milliseconds timeout = std::chrono::seconds(10));
 
 }  // namespace ferry::rpc

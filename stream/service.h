@@ -129,6 +129,7 @@ void on(rpc::Program& program, F handler) {
   entry.name = std::string(P::Program::name) + "." + std::string(P::name);
   entry.may_block = P::may_block;
   entry.cancellable = true;
+  entry.opens_stream = true;
   entry.invoke = [handler = std::move(handler)](std::shared_ptr<rpc::detail::CallState> state, rpc::Buffer body,
                                                 asio::any_io_executor ex) {
     auto call = std::make_shared<Call>();

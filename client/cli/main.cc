@@ -5,6 +5,7 @@
 #include <deque>
 #include <filesystem>
 #include <cstdio>
+#include <cstdlib>
 #include <spdlog/spdlog.h>
 
 #include "daemon/default_paths.h"
@@ -69,7 +70,20 @@ int main(int argc, char** argv) {
   CLI::App app{"ferry: talk to a ferryd"};
   app.require_subcommand(1);
   std::string uri = "ferry+unix://" + std::filesystem::absolute(ferry::daemon::default_socket_path()).lexically_normal().string();
-  app.add_option("-c,--connect", uri, "server URI: ferry+unix:///path or ferry+tcp://host:port")->capture_default_str();
+  app.add_option("-c,--connect", uri, "server URI: ferry+unix:///path, ferry+tcp://host:port or ferry+tls://host:port")
+      ->capture_default_str();
+  ferry::rpc::ClientOptions options;
+  options.name = "ferry-cli";
+  app.add_option("--tls-ca", options.tls.ca_file, "PEM CAs to check the server's certificate against (default: system)");
+  app.add_option("--tls-cert", options.tls.cert_file, "PEM client certificate to show the server");
+  app.add_option("--tls-key", options.tls.key_file, "PEM private key of --tls-cert");
+  app.add_option("--tls-server-name", options.tls.server_name,
+                 "name the server's certificate must carry (default: the URI's host)");
+  std::string password_file;
+  app.add_option("--sasl-user", options.sasl.username, "SASL user name, for servers that ask (password: "
+                                                        "$FERRY_PASSWORD or --sasl-password-file)");
+  app.add_option("--sasl-password-file", password_file, "file whose first line is the SASL password");
+  app.add_option("--sasl-mech", options.sasl.mechanisms, "acceptable SASL mechanism(s) (default: the server's choice)");
 
   unsigned ping_count = 5;
   auto* ping = app.add_subcommand("ping", "measure round trips to the server");
@@ -85,10 +99,24 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   spdlog::set_level(spdlog::level::warn);
 
+  if (!password_file.empty()) {
+    std::FILE* f = std::fopen(password_file.c_str(), "r");
+    if (!f) {
+      std::fprintf(stderr, "ferry: cannot read %s\n", password_file.c_str());
+      return 2;
+    }
+    char line[1024] = {};
+    if (std::fgets(line, sizeof line, f)) options.sasl.password = line;
+    std::fclose(f);
+    while (!options.sasl.password.empty() &&
+           (options.sasl.password.back() == '\n' || options.sasl.password.back() == '\r'))
+      options.sasl.password.pop_back();
+  } else if (const char* pw = std::getenv("FERRY_PASSWORD")) {
+    options.sasl.password = pw;
+  }
+
   try {
     ferry::rpc::IoThreads io(1);
-    ferry::rpc::ClientOptions options;
-    options.name = "ferry-cli";
     Client client = Client::connect_sync(io.executor(), uri, options);
     int rc = 0;
     if (*ping) rc = run_ping(client, std::max(1u, ping_count));

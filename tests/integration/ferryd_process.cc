@@ -20,7 +20,17 @@ namespace ferry::testing {
 
 namespace fs = std::filesystem;
 
-const char* to_string(TransportKind kind) { return kind == TransportKind::unix_socket ? "unix" : "tcp"; }
+const char* to_string(TransportKind kind) {
+  switch (kind) {
+    case TransportKind::unix_socket:
+      return "unix";
+    case TransportKind::tcp:
+      return "tcp";
+    case TransportKind::tls:
+      return "tls";
+  }
+  return "?";
+}
 
 TempDir::TempDir() {
   std::string tmpl = (fs::temp_directory_path() / "ferry-test-XXXXXX").string();
@@ -75,7 +85,7 @@ FerrydProcess::FerrydProcess(std::vector<std::string> extra_args) {
   socket_path_ = dir() + "/ferryd.sock";
   log_path_ = dir() + "/ferryd.log";
   const std::string ready = dir() + "/ready";
-  std::vector<std::string> argv = {ferryd_path(),  "--test-service", "--listen", "unix:" + socket_path_,
+  std::vector<std::string> argv = {ferryd_path(),  "--test-service", "--auth-tcp", "none", "--listen", "unix:" + socket_path_,
                                    "--listen",     "tcp:127.0.0.1:0", "--ready-file", ready};
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
   pid_ = spawn(argv, log_path_, false);
@@ -92,7 +102,10 @@ FerrydProcess::FerrydProcess(std::vector<std::string> extra_args) {
   std::istringstream lines(read_file(ready));
   std::string line;
   while (std::getline(lines, line))
-    if (line.rfind("tcp:", 0) == 0) tcp_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
+    if (line.rfind("tcp:", 0) == 0)
+      tcp_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
+    else if (line.rfind("tls:", 0) == 0)
+      tls_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
 }
 
 FerrydProcess::~FerrydProcess() {
@@ -106,6 +119,10 @@ FerrydProcess::~FerrydProcess() {
 
 std::string FerrydProcess::uri(TransportKind kind) const {
   if (kind == TransportKind::unix_socket) return "ferry+unix://" + socket_path_;
+  if (kind == TransportKind::tls) {
+    if (!tls_port_) throw std::runtime_error("ferryd was not started with a tls: listener");
+    return "ferry+tls://127.0.0.1:" + std::to_string(tls_port_);
+  }
   return "ferry+tcp://127.0.0.1:" + std::to_string(tcp_port_);
 }
 

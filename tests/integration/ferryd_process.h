@@ -12,7 +12,7 @@
 
 namespace ferry::testing {
 
-enum class TransportKind { unix_socket, tcp };
+enum class TransportKind { unix_socket, tcp, tls };
 const char* to_string(TransportKind kind);
 
 // A scratch directory removed (recursively) on destruction.
@@ -41,6 +41,9 @@ class FerrydProcess {
   std::string uri(TransportKind kind) const;
   std::string unix_uri() const { return uri(TransportKind::unix_socket); }
   std::string tcp_uri() const { return uri(TransportKind::tcp); }
+  // ferry+tls://127.0.0.1:PORT, when started with --listen tls:127.0.0.1:0.
+  std::string tls_uri() const { return uri(TransportKind::tls); }
+  std::uint16_t tls_port() const { return tls_port_; }
   const std::string& socket_path() const { return socket_path_; }
   std::uint16_t tcp_port() const { return tcp_port_; }
   pid_t pid() const { return pid_; }
@@ -65,6 +68,7 @@ class FerrydProcess {
   std::string socket_path_;
   std::string log_path_;
   std::uint16_t tcp_port_ = 0;
+  std::uint16_t tls_port_ = 0;
   pid_t pid_ = -1;
 };
 

@@ -137,9 +137,21 @@ TEST(Endpoint, RefusesUnterminatedIpv6Bracket) {
   EXPECT_THAT(refusal("tcp:[::1:7000"), HasSubstr("unterminated '['"));
 }
 
+TEST(Endpoint, ParsesTls) {
+  for (const char* text : {"tls:localhost:16514", "ferry+tls://localhost:16514"}) {
+    Endpoint e = Endpoint::parse(text);
+    EXPECT_EQ(e.kind, Endpoint::Kind::tls) << text;
+    EXPECT_EQ(e.host, "localhost");
+    EXPECT_EQ(e.port, 16514);
+    EXPECT_EQ(e.to_string(), "tls:localhost:16514");
+    EXPECT_EQ(e.to_uri(), "ferry+tls://localhost:16514");
+  }
+  EXPECT_EQ(Endpoint::parse("ferry+tls://[::1]:1").to_uri(), "ferry+tls://[::1]:1");
+}
+
 TEST(Endpoint, RefusesUnknownScheme) {
   EXPECT_THAT(refusal("http://localhost:7000"), HasSubstr("unknown scheme"));
-  EXPECT_THAT(refusal("ferry+tls://localhost:7000"), HasSubstr("unknown scheme"));
+  EXPECT_THAT(refusal("ferry+ssh://localhost:7000"), HasSubstr("unknown scheme"));
   EXPECT_THAT(refusal("localhost:7000"), HasSubstr("unknown scheme"));
   EXPECT_THAT(refusal("ferry.sock"), HasSubstr("unknown scheme"));
   EXPECT_THAT(refusal(""), HasSubstr("unknown scheme"));
