@@ -28,6 +28,7 @@
 #include "ferry/v1/control.ferry.h"
 #include "ferry/v1/error.pb.h"
 #include "rpc/connection.h"
+#include "rpc/hello.h"
 #include "rpc/socket_transport.h"
 #include "rpc/tls.h"
 
@@ -487,40 +488,30 @@ class Server::Impl::Session final : public FrameHandler,
           reply_error(h, Error(Code::failed_precondition, "Hello was already done on this connection"));
           return;
         }
-        ferry::v1::HelloCall hello;
-        if (!hello.ParseFromArray(body.data(), static_cast<int>(body.size()))) {
-          reply_error(h, Error(Code::invalid_argument, "malformed Hello body"));
-          connection_->close_after_flush(Error(Code::unavailable, "protocol error: malformed Hello"));
+        HelloOffer offer;
+        offer.limits = server_->options_.limits;
+        offer.window = server_->options_.window;
+        offer.name = server_->options_.name;
+        offer.keepalive_interval = server_->options_.keepalive_interval;
+        offer.keepalive_count = server_->options_.keepalive_count;
+        offer.auth_required = auth_ == AuthMode::sasl;
+        HelloAccepted accepted;
+        try {
+          accepted = negotiate_hello(std::span<const std::uint8_t>(body.data(), body.size()), offer);
+        } catch (const Error& e) {
+          reply_error(h, e);
+          if (e.code() == Code::invalid_argument)
+            connection_->close_after_flush(Error(Code::unavailable, "protocol error: malformed Hello"));
           return;
         }
-        if (hello.protocol_version() != 1) {
-          reply_error(h, Error(Code::unimplemented, "protocol version " + std::to_string(hello.protocol_version()) +
-                                                        " is not supported; this server speaks version 1"));
-          return;
-        }
-        const auto& lim = server_->options_.limits;
-        FrameLimits negotiated;
-        negotiated.max_frame = hello.max_frame() ? std::min(hello.max_frame(), lim.max_frame) : lim.max_frame;
-        negotiated.max_frame = std::max<std::uint32_t>(negotiated.max_frame, 64u << 10);
-        std::uint32_t chunk = hello.chunk_size() ? std::min(hello.chunk_size(), lim.max_chunk) : lim.max_chunk;
-        negotiated.max_chunk = std::clamp(chunk, FrameLimits::min_chunk, FrameLimits::max_chunk_ceiling);
-        ferry::v1::HelloReply reply;
-        reply.set_protocol_version(1);
-        reply.set_max_frame(negotiated.max_frame);
-        reply.set_chunk_size(negotiated.max_chunk);
-        reply.set_window(hello.window() ? std::min(hello.window(), server_->options_.window)
-                                        : server_->options_.window);
-        reply.set_server_name(server_->options_.name);
-        reply.set_keepalive_interval_ms(static_cast<std::uint32_t>(server_->options_.keepalive_interval.count()));
-        reply.set_keepalive_count(server_->options_.keepalive_count);
-        reply.set_auth_required(auth_ == AuthMode::sasl);
-        client_name_ = hello.client_name();
-        connection_->set_limits(negotiated);
-        max_frame_.store(negotiated.max_frame, std::memory_order_relaxed);
+        const auto& reply = accepted.reply;
+        client_name_ = accepted.client_name;
+        connection_->set_limits(accepted.limits);
+        max_frame_.store(accepted.limits.max_frame, std::memory_order_relaxed);
         {
           std::lock_guard lock(mutex_);
-          stream_limits_.window = reply.window();
-          stream_limits_.chunk_size = negotiated.max_chunk;
+          stream_limits_.window = accepted.window;
+          stream_limits_.chunk_size = accepted.limits.max_chunk;
         }
         hello_done_ = true;
         Header r = h;
