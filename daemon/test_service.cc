@@ -90,6 +90,24 @@ std::shared_ptr<rpc::Program> make_test_program(const rpc::Server& server) {
     co_return reply;
   });
 
+  program->on<Test::WhoAmI>([](const WhoAmICall&, rpc::CallContext& ctx) -> asio::awaitable<WhoAmIReply> {
+    const rpc::PeerIdentity& peer = ctx.peer();
+    WhoAmIReply reply;
+    reply.set_transport(peer.transport);
+    reply.set_address(peer.address);
+    reply.set_uid(peer.uid.value_or(-1));
+    reply.set_gid(peer.gid.value_or(-1));
+    reply.set_pid(peer.pid.value_or(-1));
+    reply.set_tls_version(peer.tls_version);
+    reply.set_tls_cipher(peer.tls_cipher);
+    reply.set_tls_subject(peer.tls_subject);
+    reply.set_tls_fingerprint(peer.tls_fingerprint);
+    reply.set_user(peer.user);
+    reply.set_mechanism(peer.mechanism);
+    reply.set_ssf(peer.ssf);
+    co_return reply;
+  });
+
   stream::on<Test::Upload>(*program, [](const UploadCall& call, stream::Stream& s,
                                          rpc::CallContext& ctx) -> asio::awaitable<UploadReply> {
     if (call.stall_ms()) {

@@ -97,6 +97,23 @@ bool RawSocket::read_frame(rpc::Header& header, std::vector<std::uint8_t>& body,
   return body.empty() || read_exact(body.data(), body.size(), deadline);
 }
 
+std::optional<std::string> RawSocket::read_goodbye(std::chrono::milliseconds timeout) {
+  using Control = ferry::v1::Control;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) return std::nullopt;
+    rpc::Header h;
+    std::vector<std::uint8_t> body;
+    if (!read_frame(h, body, left)) return std::nullopt;
+    if (h.type == rpc::FrameType::message && h.program == Control::program && h.procedure == Control::Goodbye::number) {
+      ferry::v1::GoodbyeNotice bye;
+      if (!bye.ParseFromArray(body.data(), static_cast<int>(body.size()))) return std::string("(unparsable Goodbye)");
+      return bye.reason();
+    }
+  }
+}
+
 bool RawSocket::wait_closed(std::chrono::milliseconds timeout, std::vector<rpc::Header>* seen) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
   std::uint8_t buf[4096];

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -30,6 +31,10 @@ class RawSocket {
   // arrive first are skipped and appended to `seen` if given).
   bool wait_closed(std::chrono::milliseconds timeout = std::chrono::seconds(5),
                    std::vector<rpc::Header>* seen = nullptr);
+  // Reads frames until the server's Goodbye MESSAGE; returns its reason, or
+  // nullopt if none came within `timeout` (or the connection ended without one).
+  std::optional<std::string> read_goodbye(std::chrono::milliseconds timeout = std::chrono::seconds(5));
+  int fd() const { return fd_; }
 
  private:
   explicit RawSocket(int fd) : fd_(fd) {}
