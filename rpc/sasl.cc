@@ -283,10 +283,17 @@ SaslResult SaslServer::finish(int rc, const char* out, unsigned outlen) {
   }
   const void* v = nullptr;
   if (sasl_getprop(conn_.get(), SASL_USERNAME, &v) == SASL_OK && v) result.user = static_cast<const char*>(v);
+  // Cyrus qualifies the name with the realm; in the server's own realm the
+  // plain name is what users and the allow-list speak of.
+  const std::string suffix = "@" + options_.realm;
+  std::string qualified = result.user;
+  if (!options_.realm.empty()) {
+    if (result.user.size() > suffix.size() && result.user.ends_with(suffix))
+      result.user.resize(result.user.size() - suffix.size());
+    else if (result.user.find('@') == std::string::npos)
+      qualified = result.user + suffix;
+  }
   if (!options_.allowed_users.empty()) {
-    const std::string qualified = result.user.find('@') == std::string::npos && !options_.realm.empty()
-                                      ? result.user + "@" + options_.realm
-                                      : result.user;
     bool allowed = false;
     for (const auto& pattern : options_.allowed_users)
       allowed = allowed || ::fnmatch(pattern.c_str(), result.user.c_str(), 0) == 0 ||

@@ -130,13 +130,14 @@ bool dn_allowed(const std::string& subject, const std::vector<std::string>& patt
 TlsContext::TlsContext(const TlsOptions& options, bool server) : options_(options), server_(server) {
   ctx_ = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
   if (!ctx_) throw Error(Code::internal, "SSL_CTX_new failed: " + openssl_reason("out of memory"), "tls");
-  int min_version = TLS1_3_VERSION;
-  if (options.min_version == "1.2")
-    min_version = TLS1_2_VERSION;
-  else if (options.min_version != "1.3" && !options.min_version.empty())
-    throw Error(Code::invalid_argument,
-                "TLS minimum version '" + options.min_version + "' is not supported (use 1.2 or 1.3)", "tls");
-  SSL_CTX_set_min_proto_version(ctx_, min_version);
+  auto version = [](const std::string& text, int fallback) {
+    if (text.empty()) return fallback;
+    if (text == "1.2") return TLS1_2_VERSION;
+    if (text == "1.3") return TLS1_3_VERSION;
+    throw Error(Code::invalid_argument, "TLS version '" + text + "' is not supported (use 1.2 or 1.3)", "tls");
+  };
+  SSL_CTX_set_min_proto_version(ctx_, version(options.min_version, TLS1_3_VERSION));
+  SSL_CTX_set_max_proto_version(ctx_, version(options.max_version, 0));
   SSL_CTX_set_options(ctx_, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
   SSL_CTX_set_mode(ctx_, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
   SSL_CTX_set_read_ahead(ctx_, 1);

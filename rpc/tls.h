@@ -47,6 +47,7 @@ struct TlsOptions {
   // the host of the address connected to.
   std::string server_name;
   std::string min_version = "1.3";  // "1.2" or "1.3"
+  std::string max_version;          // "1.2", "1.3" or empty (the newest OpenSSL has)
   std::string ciphersuites;         // TLS 1.3 suites; empty: OpenSSL's defaults
   std::string cipher_list;          // TLS 1.2 ciphers; empty: OpenSSL's defaults
 };
