@@ -1,6 +1,7 @@
 #include "rpc/client.h"
 
 #include <asio/co_spawn.hpp>
+#include <asio/experimental/as_tuple.hpp>
 #include <asio/steady_timer.hpp>
 #include <map>
 #include <spdlog/spdlog.h>
@@ -358,40 +359,43 @@ asio::awaitable<void> authenticate(Client& client, Connection& connection, Serve
     start.set_data(*token);
     start.set_has_data(true);
   }
-  try {
-    auto reply = co_await client.call<Control::SaslStart>(start, timeout);
-    for (;;) {
-      if (reply.complete()) {
-        // The server's last token (SCRAM's server signature) proves it
-        // knew the password too.
-        if (reply.has_data()) sasl.step(reply.data());
-        std::shared_ptr<SecurityLayer> layer;
-        if (reply.ssf() > 0 && !over_tls) {
-          layer = sasl.layer();
-          if (!layer || sasl.ssf() != reply.ssf())
-            throw Error(Code::unauthenticated, "SASL security layer mismatch: server says SSF " +
-                                                   std::to_string(reply.ssf()) + ", client has " +
-                                                   std::to_string(sasl.ssf()), "sasl");
-          connection.secure_writes(layer);
-        }
-        connection.resume_reads(layer);
-        info.mechanism = mechanism;
-        info.user = options.sasl.username;
-        info.ssf = layer ? reply.ssf() : 0;
-        co_return;
+  // The reader holds after each SASL reply until it has been looked at.
+  // Every path out of here resumes it: explicitly once a reply is handled,
+  // and this guard for errors (a failed call holds too). No try/catch around
+  // co_await, which GCC 12 coroutines mishandle.
+  struct ResumeOnExit {
+    Connection& connection;
+    ~ResumeOnExit() { connection.resume_reads(); }
+  } guard{connection};
+  auto reply = co_await client.call<Control::SaslStart>(start, timeout);
+  for (;;) {
+    if (reply.complete()) {
+      // The server's last token (SCRAM's server signature) proves it knew
+      // the password too.
+      if (reply.has_data()) sasl.step(reply.data());
+      std::shared_ptr<SecurityLayer> layer;
+      if (reply.ssf() > 0 && !over_tls) {
+        layer = sasl.layer();
+        if (!layer || sasl.ssf() != reply.ssf())
+          throw Error(Code::unauthenticated, "SASL security layer mismatch: server says SSF " +
+                                                 std::to_string(reply.ssf()) + ", client has " +
+                                                 std::to_string(sasl.ssf()), "sasl");
+        connection.secure_writes(layer);
       }
-      auto answer = sasl.step(reply.has_data() ? SaslToken(reply.data()) : std::nullopt);
-      connection.resume_reads();
-      ferry::v1::SaslStepCall step;
-      if (answer) {
-        step.set_data(*answer);
-        step.set_has_data(true);
-      }
-      reply = co_await client.call<Control::SaslStep>(step, timeout);
+      connection.resume_reads(layer);
+      info.mechanism = mechanism;
+      info.user = options.sasl.username;
+      info.ssf = layer ? reply.ssf() : 0;
+      co_return;
     }
-  } catch (...) {
+    auto answer = sasl.step(reply.has_data() ? SaslToken(reply.data()) : std::nullopt);
     connection.resume_reads();
-    throw;
+    ferry::v1::SaslStepCall step;
+    if (answer) {
+      step.set_data(*answer);
+      step.set_has_data(true);
+    }
+    reply = co_await client.call<Control::SaslStep>(step, timeout);
   }
 }
 
@@ -436,20 +440,19 @@ asio::awaitable<Client> Client::connect(asio::any_io_executor executor, std::str
   Client client(core);
 
   ServerInfo& info = core->server_;
-  std::optional<Error> failed;
-  try {
-    co_await hello_and_auth(client, *connection, info, endpoint, options);
-  } catch (const Error& e) {
-    failed = e;
-  }
-  if (failed) {
-    std::string why = failed->message();
+  // Run as a child and take its exception as a value: no try/catch around
+  // co_await (GCC 12 coroutines mishandle it).
+  auto [failure] = co_await asio::co_spawn(executor, hello_and_auth(client, *connection, info, endpoint, options),
+                                           asio::experimental::as_tuple(asio::use_awaitable));
+  if (failure) {
+    const Error error = Error::from_exception(failure);
+    std::string why = error.message();
     // A TLS listener drops a plaintext Hello without a word.
-    if (endpoint.kind == Endpoint::Kind::tcp && info.protocol_version == 0 && failed->code() == Code::unavailable &&
+    if (endpoint.kind == Endpoint::Kind::tcp && info.protocol_version == 0 && error.code() == Code::unavailable &&
         why.find("closed by peer") != std::string::npos)
       why += "; if that port is a TLS listener, connect with ferry+tls://";
-    throw Error(failed->code() == Code::deadline_exceeded ? Code::unavailable : failed->code(),
-                "handshake with " + endpoint.to_string() + " failed: " + why, failed->domain(), failed->retryable());
+    throw Error(error.code() == Code::deadline_exceeded ? Code::unavailable : error.code(),
+                "handshake with " + endpoint.to_string() + " failed: " + why, error.domain(), error.retryable());
   }
   connection->set_keepalive(options.connection.keepalive_interval, options.connection.keepalive_count);
   co_return client;

@@ -11,9 +11,31 @@
 
 #include "rpc/error.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#define FERRY_HAVE_LSAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define FERRY_HAVE_LSAN 1
+#endif
+#endif
+#ifdef FERRY_HAVE_LSAN
+#include <sanitizer/lsan_interface.h>
+#endif
+
 namespace ferry::rpc {
 
 namespace {
+
+// Cyrus's DIGEST-MD5 plugin (2.1.28) loses OpenSSL cipher contexts it
+// makes during the exchange, whatever the caller does; leak checking is
+// paused around calls into a mechanism so the sanitizer runs report
+// ferry's leaks, not the plugin's. Nothing in release builds.
+struct PluginCall {
+#ifdef FERRY_HAVE_LSAN
+  PluginCall() { __lsan_disable(); }
+  ~PluginCall() { __lsan_enable(); }
+#endif
+};
 
 int log_cb(void*, int level, const char* message) {
   if (!message) return SASL_OK;
@@ -248,6 +270,7 @@ SaslResult SaslServer::start(const std::string& mechanism, const SaslToken& data
   mechanism_ = mechanism;
   const char* out = nullptr;
   unsigned outlen = 0;
+  [[maybe_unused]] PluginCall plugin;
   int rc = sasl_server_start(conn_.get(), mechanism.c_str(), data ? data->data() : nullptr,
                              data ? static_cast<unsigned>(data->size()) : 0, &out, &outlen);
   return finish(rc, out, outlen);
@@ -258,6 +281,7 @@ SaslResult SaslServer::step(const SaslToken& data) {
     throw Error(Code::failed_precondition, "SaslStep before SaslStart", "sasl");
   const char* out = nullptr;
   unsigned outlen = 0;
+  [[maybe_unused]] PluginCall plugin;
   int rc = sasl_server_step(conn_.get(), data ? data->data() : nullptr, data ? static_cast<unsigned>(data->size()) : 0,
                             &out, &outlen);
   return finish(rc, out, outlen);
@@ -399,6 +423,7 @@ std::pair<std::string, SaslToken> SaslClient::start(const std::vector<std::strin
   unsigned outlen = 0;
   const char* mech = nullptr;
   sasl_interact_t* interact = nullptr;
+  [[maybe_unused]] PluginCall plugin;
   int rc = sasl_client_start(conn_.get(), list.c_str(), &interact, &out, &outlen, &mech);
   if (rc != SASL_OK && rc != SASL_CONTINUE)
     throw Error(Code::unauthenticated,
@@ -412,6 +437,7 @@ SaslToken SaslClient::step(const SaslToken& server_data) {
   const char* out = nullptr;
   unsigned outlen = 0;
   sasl_interact_t* interact = nullptr;
+  [[maybe_unused]] PluginCall plugin;
   int rc = sasl_client_step(conn_.get(), server_data ? server_data->data() : nullptr,
                             server_data ? static_cast<unsigned>(server_data->size()) : 0, &interact, &out, &outlen);
   if (rc != SASL_OK && rc != SASL_CONTINUE)
