@@ -5,6 +5,7 @@
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
 
+#include <asio/co_spawn.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/experimental/awaitable_operators.hpp>
 #include <asio/steady_timer.hpp>
@@ -301,7 +302,7 @@ asio::awaitable<std::unique_ptr<Transport>> TlsTransport::accept(asio::ip::tcp::
   std::unique_ptr<TlsTransport> t(new TlsTransport(std::move(socket), std::move(context)));
   SSL_set_accept_state(t->ssl_);
   std::string why;
-  auto ec = co_await t->handshake(timeout, why);
+  auto ec = co_await asio::co_spawn(t->socket_.get_executor(), t->handshake(timeout, why), asio::use_awaitable);
   if (ec) {
     const Code code = ec == asio::error::timed_out ? Code::deadline_exceeded
                       : ec.value() == EACCES && ec.category() == std::generic_category() ? Code::unauthenticated
@@ -327,7 +328,10 @@ asio::awaitable<std::unique_ptr<Transport>> TlsTransport::connect(asio::ip::tcp:
   if (!is_ip_literal(name)) SSL_set_tlsext_host_name(t->ssl_, name.c_str());
   SSL_set_connect_state(t->ssl_);
   std::string why;
-  auto ec = co_await t->handshake(timeout, why);
+  // On the socket's strand: the caller's executor may be a multi-threaded
+  // pool, and the two waits raced in handshake() (socket || deadline) must
+  // not complete on two threads at once.
+  auto ec = co_await asio::co_spawn(t->socket_.get_executor(), t->handshake(timeout, why), asio::use_awaitable);
   if (ec) {
     if (SSL_get_verify_result(t->ssl_) == X509_V_ERR_HOSTNAME_MISMATCH ||
         SSL_get_verify_result(t->ssl_) == X509_V_ERR_IP_ADDRESS_MISMATCH)

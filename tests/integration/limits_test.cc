@@ -129,6 +129,8 @@ TEST_F(LimitsTest, ClientThatNeverSaysHelloIsDroppedAtTheAuthTimeout) {
     RawSocket dribble = RawSocket::connect_tcp(server.tcp_port());
     const std::uint8_t one = 0;
     dribble.send({&one, 1});
+    auto seen = std::chrono::steady_clock::now() + 2s;  // accepted by now, or soon
+    while (stats(client).clients() != 4u && std::chrono::steady_clock::now() < seen) std::this_thread::sleep_for(5ms);
     EXPECT_EQ(stats(client).clients(), 4u);
     for (RawSocket* s : {&silent_unix, &silent_tcp, &dribble}) {
       auto bye = s->read_goodbye(5s);
