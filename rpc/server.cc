@@ -844,20 +844,16 @@ asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string 
     } else if (!tls) {
       accept_connection(std::make_unique<TcpTransport>(TcpTransport::Socket(std::move(socket))), false, accepted);
     } else {
-      // Before spending a handshake on it: is there room? Without TLS up
-      // there is no way to say why, so the socket is just closed.
-      std::size_t clients;
-      {
-        std::lock_guard lock(mutex_);
-        clients = sessions_.size();
-      }
-      if (clients + handshakes_.load() >= options_.max_clients || !admit_unauthenticated()) {
+      // Handshakes in progress are bounded by max_unauthenticated_clients;
+      // past that there is no way to say why (TLS is not up), so the socket
+      // is just closed. max_clients is checked after the handshake, where
+      // a Goodbye can say so.
+      if (!admit_unauthenticated()) {
         clients_refused_.fetch_add(1, std::memory_order_relaxed);
         std::error_code rec;
         auto ep = socket.remote_endpoint(rec);
-        spdlog::warn("refusing TLS client {}: {}", rec ? std::string("?") : ep.address().to_string(),
-                     clients + handshakes_.load() >= options_.max_clients ? "max_clients reached"
-                                                                          : "max_unauthenticated_clients reached");
+        spdlog::warn("refusing TLS client {}: max_unauthenticated_clients ({}) reached",
+                     rec ? std::string("?") : ep.address().to_string(), options_.max_unauthenticated_clients);
         socket.close(rec);
         continue;
       }

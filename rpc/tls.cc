@@ -1,6 +1,8 @@
 #include "rpc/tls.h"
 
 #include <fnmatch.h>
+#include <sys/socket.h>
+#include <openssl/bio.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -100,6 +102,52 @@ std::string fingerprint_of(X509* cert) {
     out += hex[md[i] & 15];
   }
   return out;
+}
+
+// A socket BIO that sends with MSG_NOSIGNAL. OpenSSL's own socket BIO uses
+// write(), and a peer that has gone away would kill the whole process with
+// SIGPIPE; a library must not do that to the program embedding it.
+int bio_write(BIO* bio, const char* data, int len) {
+  const int fd = static_cast<int>(reinterpret_cast<std::intptr_t>(BIO_get_data(bio)));
+  BIO_clear_retry_flags(bio);
+  const ssize_t n = ::send(fd, data, static_cast<std::size_t>(len), MSG_NOSIGNAL);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_write(bio);
+  return static_cast<int>(n);
+}
+
+int bio_read(BIO* bio, char* data, int len) {
+  const int fd = static_cast<int>(reinterpret_cast<std::intptr_t>(BIO_get_data(bio)));
+  BIO_clear_retry_flags(bio);
+  const ssize_t n = ::recv(fd, data, static_cast<std::size_t>(len), 0);
+  if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_read(bio);
+  return static_cast<int>(n);
+}
+
+long bio_ctrl(BIO* bio, int cmd, long, void* ptr) {
+  switch (cmd) {
+    case BIO_CTRL_FLUSH:
+      return 1;
+    case BIO_C_GET_FD:
+      if (ptr) *static_cast<int*>(ptr) = static_cast<int>(reinterpret_cast<std::intptr_t>(BIO_get_data(bio)));
+      return static_cast<long>(reinterpret_cast<std::intptr_t>(BIO_get_data(bio)));
+    default:
+      return 0;
+  }
+}
+
+BIO_METHOD* nosignal_socket_method() {
+  static BIO_METHOD* method = [] {
+    BIO_METHOD* m = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR, "ferry socket");
+    BIO_meth_set_write(m, bio_write);
+    BIO_meth_set_read(m, bio_read);
+    BIO_meth_set_ctrl(m, bio_ctrl);
+    BIO_meth_set_create(m, [](BIO* b) {
+      BIO_set_init(b, 1);
+      return 1;
+    });
+    return m;
+  }();
+  return method;
 }
 
 Error config_error(const std::string& what, const std::string& file) {
@@ -207,7 +255,10 @@ TlsTransport::TlsTransport(asio::ip::tcp::socket socket, std::shared_ptr<TlsCont
   socket_.native_non_blocking(true, ec);
   ssl_ = SSL_new(context_->native());
   if (!ssl_) throw Error(Code::internal, "SSL_new failed: " + openssl_reason("out of memory"), "tls");
-  SSL_set_fd(ssl_, socket_.native_handle());
+  BIO* bio = BIO_new(nosignal_socket_method());
+  if (!bio) throw Error(Code::internal, "BIO_new failed: " + openssl_reason("out of memory"), "tls");
+  BIO_set_data(bio, reinterpret_cast<void*>(static_cast<std::intptr_t>(socket_.native_handle())));
+  SSL_set_bio(ssl_, bio, bio);  // the SSL owns it; the socket stays ours
   stage_.reserve(record_size);
   peer_.transport = "tls";
   auto ep = socket_.remote_endpoint(ec);

@@ -87,6 +87,14 @@ FerrydProcess::FerrydProcess(std::vector<std::string> extra_args) {
   const std::string ready = dir() + "/ready";
   std::vector<std::string> argv = {ferryd_path(),  "--test-service", "--auth-tcp", "none", "--listen", "unix:" + socket_path_,
                                    "--listen",     "tcp:127.0.0.1:0", "--ready-file", ready};
+  bool own_tls = false;
+  for (std::size_t i = 0; i + 1 < extra_args.size(); ++i)
+    own_tls = own_tls || (extra_args[i] == "--listen" && extra_args[i + 1].rfind("tls:", 0) == 0);
+  if (!own_tls) {
+    const auto& m = test_tls_material();
+    argv.insert(argv.end(), {"--listen", "tls:127.0.0.1:0", "--tls-ca", m.ca.cert, "--tls-cert", m.server.cert,
+                             "--tls-key", m.server.key});
+  }
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
   pid_ = spawn(argv, log_path_, false);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
@@ -115,6 +123,25 @@ FerrydProcess::~FerrydProcess() {
     int status = 0;
     ::waitpid(pid_, &status, 0);
   }
+}
+
+const TlsMaterial& test_tls_material() {
+  // Made once per test process and kept until it exits.
+  static TempDir* dir = new TempDir();
+  static const TlsMaterial material = make_tls_material(dir->path());
+  return material;
+}
+
+rpc::ClientOptions client_options_for(TransportKind kind, rpc::ClientOptions base) {
+  if (kind == TransportKind::tls) {
+    const auto& m = test_tls_material();
+    if (base.tls.ca_file.empty()) base.tls.ca_file = m.ca.cert;
+    if (base.tls.cert_file.empty()) {
+      base.tls.cert_file = m.client.cert;
+      base.tls.key_file = m.client.key;
+    }
+  }
+  return base;
 }
 
 std::string FerrydProcess::uri(TransportKind kind) const {

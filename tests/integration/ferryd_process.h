@@ -10,6 +10,9 @@
 #include <string>
 #include <vector>
 
+#include "rpc/client.h"
+#include "tests/material/tls_material.h"
+
 namespace ferry::testing {
 
 enum class TransportKind { unix_socket, tcp, tls };
@@ -31,8 +34,10 @@ class TempDir {
 class FerrydProcess {
  public:
   // Starts ferryd with --test-service plus `extra_args`, listening on
-  // unix:<dir>/ferryd.sock and tcp:127.0.0.1:0. Throws if it is not ready
-  // within 10 s (with its log in the message).
+  // unix:<dir>/ferryd.sock, tcp:127.0.0.1:0 and (unless `extra_args` bring
+  // their own tls: listener) tls:127.0.0.1:0 with the test certificates,
+  // client certificates required. Throws if it is not ready within 10 s
+  // (with its log in the message).
   explicit FerrydProcess(std::vector<std::string> extra_args = {});
   ~FerrydProcess();
   FerrydProcess(const FerrydProcess&) = delete;
@@ -71,6 +76,12 @@ class FerrydProcess {
   std::uint16_t tls_port_ = 0;
   pid_t pid_ = -1;
 };
+
+// Certificates for this test process, made on first use (a CA, good and
+// bad server and client certificates; see tests/material/tls_material.h).
+const TlsMaterial& test_tls_material();
+// Client options for `kind`: over TLS, the test CA and client certificate.
+rpc::ClientOptions client_options_for(TransportKind kind, rpc::ClientOptions base = {});
 
 // Path of a built program (set by CMake).
 std::string ferryd_path();

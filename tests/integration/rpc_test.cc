@@ -28,7 +28,7 @@ using TestSvc = test::v1::Test;
 class RpcTest : public ::testing::TestWithParam<TransportKind> {
  protected:
   Client connect(FerrydProcess& server, rpc::ClientOptions options = {}) {
-    return Client::connect_sync(io_.executor(), server.uri(GetParam()), options);
+    return Client::connect_sync(io_.executor(), server.uri(GetParam()), client_options_for(GetParam(), options));
   }
   test::v1::StatsReply stats(Client& client) {
     return client.call_future<TestSvc::Stats>(test::v1::StatsCall{}).get();
@@ -452,13 +452,14 @@ TEST_P(RpcTest, ShutdownPastTheGraceCancelsLongCallsAndSaysWhy) {
 TEST_P(RpcTest, ConnectingToNothingSaysSoClearly) {
   TempDir dir;
   std::string uri = GetParam() == TransportKind::unix_socket ? "ferry+unix://" + dir.path() + "/none.sock"
+                    : GetParam() == TransportKind::tls       ? "ferry+tls://127.0.0.1:1"
                                                              : "ferry+tcp://127.0.0.1:1";
   auto err = error_of([&] { Client::connect_sync(io_.executor(), uri); });
   EXPECT_EQ(err.code(), Code::unavailable);
   EXPECT_NE(err.message().find("cannot connect"), std::string::npos) << err.message();
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, RpcTest, ::testing::Values(TransportKind::unix_socket, TransportKind::tcp),
+INSTANTIATE_TEST_SUITE_P(Transports, RpcTest, ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 }  // namespace

@@ -258,6 +258,28 @@ TEST_F(SecurityTest, TlsHandshakeThatNeverFinishesIsDroppedAtTheAuthTimeout) {
   EXPECT_NO_THROW(connect(server.tls_uri(), good_client()));
 }
 
+TEST_F(SecurityTest, FloodOfUnfinishedTlsHandshakesIsBoundedAndDrained) {
+  FerrydProcess server(tls_args(tls_->server, {"--max-unauthenticated-clients", "50", "--auth-timeout", "3000",
+                                               "--io-threads", "2", "--worker-threads", "2"}));
+  const unsigned threads_before = server.threads();
+  std::vector<RawSocket> sockets;
+  for (int i = 0; i < 300; ++i) sockets.push_back(RawSocket::connect_tcp(server.tls_port()));
+  // Beyond the 50 handshakes allowed at once, connections are closed at once.
+  unsigned closed_fast = 0;
+  for (auto& s : sockets) closed_fast += s.wait_closed(20ms) ? 1 : 0;
+  EXPECT_GE(closed_fast, 240u);
+  EXPECT_LE(closed_fast, 250u);
+  EXPECT_EQ(server.threads(), threads_before);
+  // The 50 that hold a slot are dropped at the auth timeout, and then a
+  // good client gets in.
+  unsigned closed_later = 0;
+  for (auto& s : sockets) closed_later += s.wait_closed(8s) ? 1 : 0;
+  EXPECT_EQ(closed_later, 300u);
+  Client client = connect(server.tls_uri(), good_client());
+  EXPECT_EQ(echo(client, "after the flood"), "after the flood");
+  EXPECT_TRUE(server.wait_for_log("max_unauthenticated_clients (50) reached"));
+}
+
 TEST_F(SecurityTest, Tls12OnlyWhenConfigured) {
   rpc::ClientOptions old_client = good_client();
   old_client.tls.min_version = "1.2";

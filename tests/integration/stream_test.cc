@@ -24,7 +24,9 @@ using stream::Item;
 
 class StreamTest : public ::testing::TestWithParam<TransportKind> {
  protected:
-  Client connect(FerrydProcess& server) { return Client::connect_sync(io_.executor(), server.uri(GetParam())); }
+  Client connect(FerrydProcess& server) {
+    return Client::connect_sync(io_.executor(), server.uri(GetParam()), client_options_for(GetParam()));
+  }
   test::v1::StatsReply stats(Client& client) { return client.call_future<TestSvc::Stats>(test::v1::StatsCall{}).get(); }
 
   // After a stream ended in failure: the server lets go of every stream
@@ -445,7 +447,7 @@ TEST_P(StreamTest, HalfAGibibyteEachWayArrivesIntact) {
   EXPECT_EQ(got.value(), dreply.checksum());
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, StreamTest, ::testing::Values(TransportKind::unix_socket, TransportKind::tcp),
+INSTANTIATE_TEST_SUITE_P(Transports, StreamTest, ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 }  // namespace
