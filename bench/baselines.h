@@ -28,6 +28,13 @@ Measurement raw_send_file_seconds(const CaseOptions& options, uint64_t bytes);
 // one channel. Throws Unavailable when built without gRPC.
 Measurement grpc_echo_inflight(const CaseOptions& options, int inflight);
 
+// tls.stream.upload / tls.stream.download: the same bytes over a raw
+// OpenSSL TLS 1.3 socket (bench/baseline_tls.cc); tls.handshake: median ms
+// of a raw TLS connect.
+Measurement raw_tls_send(const CaseOptions& options, uint64_t payload_total);
+Measurement raw_tls_download(const CaseOptions& options, uint64_t payload_total);
+Measurement raw_tls_handshake(const CaseOptions& options);
+
 // Server modes; each listens on `listen`, calls signal_ready() with the
 // address a client should use, and serves until killed.
 int serve_raw_echo(const std::string& listen);
@@ -35,5 +42,7 @@ int serve_raw_sink(const std::string& listen);
 int serve_raw_source(const std::string& listen);
 // `listen` is "unix:PATH", "HOST:PORT" or "tcp:HOST:PORT"; port 0 picks one.
 int serve_grpc(const std::string& listen);
+// TLS sink (source = false) or source, with this certificate and key.
+int serve_tls(const std::string& listen, const std::string& cert, const std::string& key, bool source);
 
 }  // namespace ferry::bench

@@ -6,6 +6,7 @@
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/use_future.hpp>
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -22,6 +23,8 @@
 #include "ferry/v1/test.ferry.h"
 #include "rpc/client.h"
 #include "rpc/io_threads.h"
+#include "tests/material/sasl_users.h"
+#include "tests/material/tls_material.h"
 
 namespace ferry::bench {
 
@@ -51,6 +54,7 @@ struct Ferryd {
   }
   std::string uri() const {
     if (bound.rfind("unix:", 0) == 0) return "ferry+unix://" + bound.substr(5);
+    if (bound.rfind("tls:", 0) == 0) return "ferry+tls://" + bound.substr(4);
     return "ferry+tcp://" + bound.substr(4);
   }
   std::string ready_file;
@@ -62,6 +66,46 @@ std::string listen_address(const CaseOptions& options, ScratchDir& dir, bool tcp
   if (!options.addr.empty()) return options.addr;
   return tcp ? "tcp:127.0.0.1:0" : dir.unix_address("ferryd.sock");
 }
+
+// A ferryd reached over `wire`, and the client options that reach it:
+// certificates and a sasldb are made in the scratch directory.
+struct Secured {
+  Secured(const CaseOptions& options, Wire wire) {
+    std::vector<std::string> extra;
+    std::string address;
+    if (wire == Wire::unix_socket || wire == Wire::tcp) {
+      address = listen_address(options, dir, wire == Wire::tcp);
+    } else if (wire == Wire::sasl_layer) {
+      address = "tcp:127.0.0.1:0";
+    } else {
+      address = "tls:127.0.0.1:0";
+    }
+    if (wire == Wire::tls || wire == Wire::tls_scram) {
+      const auto material = testing::make_tls_material(dir.path().string());
+      extra = {"--tls-cert", material.server.cert, "--tls-key", material.server.key, "--tls-no-verify-client"};
+      client.tls.ca_file = material.ca.cert;
+      client.tls.ciphersuites = tls_ciphersuite;
+    }
+    if (wire == Wire::sasl_layer || wire == Wire::tls_scram) {
+      const std::string db = (dir.path() / "sasldb").string();
+      testing::add_sasl_user(db, "ferry", "ferry", "bench", "bench-password");
+      const std::string mech = wire == Wire::sasl_layer ? "DIGEST-MD5" : "SCRAM-SHA-256";
+      extra.insert(extra.end(), {"--sasl-db", db, "--sasl-realm", "ferry", "--sasl-mechanisms", mech,
+                                 wire == Wire::sasl_layer ? "--auth-tcp" : "--auth-tls", "sasl"});
+      client.sasl.username = "bench";
+      client.sasl.password = "bench-password";
+      client.sasl.realm = "ferry";
+      client.sasl.mechanisms = {mech};
+    }
+    server = std::make_unique<Ferryd>(options, address, dir, extra);
+    client.tls_context = client.tls.ca_file.empty() ? nullptr : rpc::TlsContext::client(client.tls);
+  }
+  Client connect(rpc::IoThreads& io) const { return Client::connect_sync(io.executor(), server->uri(), client); }
+
+  ScratchDir dir;
+  std::unique_ptr<Ferryd> server;
+  rpc::ClientOptions client;
+};
 
 // Runs `concurrency` coroutines that each issue `call()` back to back until
 // the window closes; returns completed calls per second after a warm-up.
@@ -110,17 +154,17 @@ Measurement ferry_echo_seq(const CaseOptions& options) {
   return {rate, "calls/s", "64-byte echo, one call at a time, coroutine client"};
 }
 
-Measurement ferry_echo_inflight(const CaseOptions& options, int inflight) {
-  ScratchDir dir;
-  Ferryd server(options, listen_address(options, dir, false), dir);
+Measurement ferry_echo_inflight(const CaseOptions& options, int inflight, Wire wire) {
+  Secured setup(options, wire);
   rpc::IoThreads io(1);
-  Client client = Client::connect_sync(io.executor(), server.uri());
+  Client client = setup.connect(io);
   ferry::test::v1::EchoCall call;
   call.set_payload(std::string(echo_payload_bytes, 'e'));
   double rate = run_closed_loop(client, io, inflight, options.quick, [&](Client& c) -> asio::awaitable<void> {
     co_await c.call<TestSvc::Echo>(call);
   });
-  return {rate, "calls/s", std::to_string(inflight) + " calls in flight on one connection, one client io thread"};
+  return {rate, "calls/s",
+          std::to_string(inflight) + " calls in flight on one connection, one client io thread, over " + to_string(wire)};
 }
 
 Measurement ferry_body(const CaseOptions& options, bool tcp) {
@@ -208,11 +252,13 @@ std::shared_ptr<const rpc::Buffer> pattern_block(std::size_t size) {
 }  // namespace
 
 Measurement ferry_stream_upload(const CaseOptions& options, bool tcp, int streams) {
-  ScratchDir dir;
-  Ferryd server(options, listen_address(options, dir, tcp), dir);
+  return ferry_stream_upload(options, tcp ? Wire::tcp : Wire::unix_socket, streams, stream_total_bytes(options.quick));
+}
+
+Measurement ferry_stream_upload(const CaseOptions& options, Wire wire, int streams, std::uint64_t total) {
+  Secured setup(options, wire);
   rpc::IoThreads io(1);
-  Client client = Client::connect_sync(io.executor(), server.uri());
-  const std::uint64_t total = stream_total_bytes(options.quick);
+  Client client = setup.connect(io);
   const std::uint64_t per_stream = total / streams;
   // The caller's buffer is sent by reference, 1 MiB at a time.
   auto block = pattern_block(1 << 20);
@@ -238,15 +284,18 @@ Measurement ferry_stream_upload(const CaseOptions& options, bool tcp, int stream
   if (acknowledged.load() < total)
     throw std::runtime_error("server acknowledged " + std::to_string(acknowledged.load()) + " of " + std::to_string(total) + " bytes");
   return {static_cast<double>(acknowledged.load()) / secs / 1e6, "MB/s",
-          std::to_string(streams) + " upload stream(s) on one connection, 1 MiB writes by reference, "
-                                    "256 KiB chunks, server counts and drops"};
+          std::to_string(streams) + " upload stream(s) on one connection over " + to_string(wire) +
+              ", 1 MiB writes by reference, 256 KiB chunks, server counts and drops"};
 }
 
 Measurement ferry_stream_download(const CaseOptions& options, bool tcp) {
-  ScratchDir dir;
-  Ferryd server(options, listen_address(options, dir, tcp), dir);
+  return ferry_stream_download(options, tcp ? Wire::tcp : Wire::unix_socket);
+}
+
+Measurement ferry_stream_download(const CaseOptions& options, Wire wire) {
+  Secured setup(options, wire);
   rpc::IoThreads io(1);
-  Client client = Client::connect_sync(io.executor(), server.uri());
+  Client client = setup.connect(io);
   ferry::test::v1::DownloadCall call;
   call.set_size(stream_total_bytes(options.quick));
   call.set_fast(true);
@@ -269,7 +318,8 @@ Measurement ferry_stream_download(const CaseOptions& options, bool tcp) {
   const double secs = seconds_since(start);
   if (got != call.size()) throw std::runtime_error("short download");
   return {static_cast<double>(got) / secs / 1e6, "MB/s",
-          "one download stream, server sends a 1 MiB block by reference, client reads and drops 256 KiB chunks"};
+          std::string("one download stream over ") + to_string(wire) +
+              ", server sends a 1 MiB block by reference, client reads and drops 256 KiB chunks"};
 }
 
 Measurement ferry_call_p99(const CaseOptions& options, bool loaded) {
@@ -393,5 +443,39 @@ Measurement ferry_sparse_upload(const CaseOptions& options) {
           "10 GiB file, 10 MiB of data in 1 MiB extents: SEEK_DATA/SEEK_HOLE reader, holes as STREAM_HOLE frames"};
 }
 
+
+const char* to_string(Wire wire) {
+  switch (wire) {
+    case Wire::unix_socket:
+      return "unix";
+    case Wire::tcp:
+      return "tcp";
+    case Wire::tls:
+      return "TLS 1.3 (AES-256-GCM)";
+    case Wire::sasl_layer:
+      return "tcp with a SASL DIGEST-MD5 security layer";
+    case Wire::tls_scram:
+      return "TLS 1.3 (AES-256-GCM) + SASL SCRAM-SHA-256";
+  }
+  return "?";
+}
+
+Measurement ferry_tls_handshake(const CaseOptions& options) {
+  Secured setup(options, Wire::tls_scram);
+  rpc::IoThreads io(1);
+  const int connects = options.quick ? 50 : 200;
+  std::vector<double> ms;
+  for (int i = 0; i < connects + 5; ++i) {
+    auto start = Clock::now();
+    Client client = setup.connect(io);
+    const double took = seconds_since(start) * 1000.0;
+    client.close();
+    if (i >= 5) ms.push_back(took);  // the first few warm the caches
+  }
+  std::sort(ms.begin(), ms.end());
+  return {ms[ms.size() / 2], "ms",
+          "median of " + std::to_string(connects) +
+              " connects: TCP + TLS 1.3 handshake (server certificate verified) + Hello + SCRAM-SHA-256"};
+}
 
 }  // namespace ferry::bench

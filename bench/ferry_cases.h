@@ -9,9 +9,22 @@
 // of the row only; bench/run reports its message and goes on.
 #pragma once
 
+#include <cstdint>
 #include <string>
 
 namespace ferry::bench {
+
+// How a case's client reaches ferryd.
+enum class Wire {
+  unix_socket,
+  tcp,
+  tls,         // TLS 1.3, tls_ciphersuite, server certificate verified, no client certificate
+  sasl_layer,  // plain TCP, SASL DIGEST-MD5 with its security layer on every byte
+  tls_scram,   // TLS as above, then SASL SCRAM-SHA-256
+};
+const char* to_string(Wire wire);
+// The suite both ferry and the raw OpenSSL baseline use (AES-GCM).
+inline constexpr const char* tls_ciphersuite = "TLS_AES_256_GCM_SHA384";
 
 struct CaseOptions {
   // Smaller sizes and shorter windows, for `bench/run --quick`: a quick
@@ -44,7 +57,7 @@ struct Measurement {
 Measurement ferry_echo_seq(const CaseOptions&);
 // rpc.echo.inflight128: echo calls/s with `inflight` calls outstanding on one
 // connection.
-Measurement ferry_echo_inflight(const CaseOptions&, int inflight);
+Measurement ferry_echo_inflight(const CaseOptions&, int inflight, Wire wire = Wire::unix_socket);
 // rpc.body.unix / rpc.body.tcp: one-way MB/s of 256 KiB bodies, 4 GiB
 // (512 MiB quick), complete when the server has consumed the last byte.
 Measurement ferry_body(const CaseOptions&, bool tcp);
@@ -54,8 +67,12 @@ Measurement ferry_duplex(const CaseOptions&, bool half_duplex);
 // stream.upload.* / stream.upload4.unix: `streams` concurrent upload streams
 // on one connection, memory to memory, aggregate MB/s.
 Measurement ferry_stream_upload(const CaseOptions&, bool tcp, int streams);
+Measurement ferry_stream_upload(const CaseOptions&, Wire wire, int streams, std::uint64_t total);
 // stream.download.*: one download stream, memory to memory, MB/s.
 Measurement ferry_stream_download(const CaseOptions&, bool tcp);
+Measurement ferry_stream_download(const CaseOptions&, Wire wire);
+// tls.handshake: median ms to connect over TLS and authenticate with SCRAM.
+Measurement ferry_tls_handshake(const CaseOptions&);
 // stream.call_p99_under_load: p99 ms of small echo calls, with one download
 // stream saturating the connection (loaded) or not (the baseline).
 Measurement ferry_call_p99(const CaseOptions&, bool loaded);

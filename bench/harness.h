@@ -173,6 +173,8 @@ inline uint64_t body_total_bytes(bool quick) {
 inline constexpr std::size_t body_chunk_bytes = 256 * 1024;
 // Bytes one stream moves in the stream.* rows.
 inline uint64_t stream_total_bytes(bool quick) { return quick ? (uint64_t{1} << 30) : (uint64_t{4} << 30); }
+// sasl.stream.upload: the SASL layer runs at a fraction of TLS's speed.
+inline uint64_t sasl_total_bytes(bool quick) { return quick ? (uint64_t{256} << 20) : (uint64_t{1} << 30); }
 // Length prefix plus the 24-byte header of a ferry frame.
 inline constexpr std::size_t frame_overhead_bytes = 4 + 24;
 inline constexpr std::size_t echo_payload_bytes = 64;

@@ -66,6 +66,17 @@ const std::vector<Row>& rows() {
        [](const CaseOptions& o) { return ferry_call_p99(o, false); }},
       {"stream.sparse10g", [](const CaseOptions& o) { return ferry_sparse_upload(o); },
        [](const CaseOptions& o) { return raw_send_file_seconds(o, 10u << 20); }},
+      {"tls.stream.upload",
+       [](const CaseOptions& o) { return ferry_stream_upload(o, Wire::tls, 1, stream_total_bytes(o.quick)); },
+       [](const CaseOptions& o) { return raw_tls_send(o, stream_total_bytes(o.quick)); }},
+      {"tls.stream.download", [](const CaseOptions& o) { return ferry_stream_download(o, Wire::tls); },
+       [](const CaseOptions& o) { return raw_tls_download(o, stream_total_bytes(o.quick)); }},
+      {"tls.echo.inflight128", [](const CaseOptions& o) { return ferry_echo_inflight(o, 128, Wire::tls); },
+       [](const CaseOptions& o) { return ferry_echo_inflight(o, 128, Wire::tcp); }},
+      {"sasl.stream.upload",
+       [](const CaseOptions& o) { return ferry_stream_upload(o, Wire::sasl_layer, 1, sasl_total_bytes(o.quick)); },
+       [](const CaseOptions& o) { return ferry_stream_upload(o, Wire::tls, 1, sasl_total_bytes(o.quick)); }},
+      {"tls.handshake", ferry_tls_handshake, raw_tls_handshake},
   };
   return table;
 }
@@ -186,6 +197,14 @@ int run(int argc, char** argv) {
   if (command == "serve-raw-sink") return serve(argc, argv, serve_raw_sink);
   if (command == "serve-raw-source") return serve(argc, argv, serve_raw_source);
   if (command == "serve-grpc") return serve(argc, argv, serve_grpc);
+  if (command == "serve-tls-sink" || command == "serve-tls-source") {
+    std::vector<std::string> positional;
+    std::map<std::string, std::string> flags;
+    if (!parse_flags(argc, argv, 2, positional, flags, {}, {"listen", "cert", "key"}) || !flags.contains("listen") ||
+        !flags.contains("cert") || !flags.contains("key"))
+      return usage("serve-tls-sink|serve-tls-source take --listen ADDR --cert PEM --key PEM");
+    return serve_tls(flags["listen"], flags["cert"], flags["key"], command == "serve-tls-source");
+  }
   if (command == "rows") {
     for (const Row& r : rows()) std::printf("%.*s\n", static_cast<int>(r.name.size()), r.name.data());
     return 0;

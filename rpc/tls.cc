@@ -110,6 +110,10 @@ std::string fingerprint_of(X509* cert) {
 int bio_write(BIO* bio, const char* data, int len) {
   const int fd = static_cast<int>(reinterpret_cast<std::intptr_t>(BIO_get_data(bio)));
   BIO_clear_retry_flags(bio);
+  if (fd < 0) {
+    errno = EBADF;  // closed: never touch a descriptor number that may be reused
+    return -1;
+  }
   const ssize_t n = ::send(fd, data, static_cast<std::size_t>(len), MSG_NOSIGNAL);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_write(bio);
   return static_cast<int>(n);
@@ -118,6 +122,10 @@ int bio_write(BIO* bio, const char* data, int len) {
 int bio_read(BIO* bio, char* data, int len) {
   const int fd = static_cast<int>(reinterpret_cast<std::intptr_t>(BIO_get_data(bio)));
   BIO_clear_retry_flags(bio);
+  if (fd < 0) {
+    errno = EBADF;
+    return -1;
+  }
   const ssize_t n = ::recv(fd, data, static_cast<std::size_t>(len), 0);
   if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) BIO_set_retry_read(bio);
   return static_cast<int>(n);
@@ -266,6 +274,7 @@ TlsTransport::TlsTransport(asio::ip::tcp::socket socket, std::shared_ptr<TlsCont
 }
 
 TlsTransport::~TlsTransport() {
+  if (BIO* bio = SSL_get_rbio(ssl_)) BIO_set_data(bio, reinterpret_cast<void*>(std::intptr_t{-1}));
   SSL_free(ssl_);
   std::error_code ec;
   socket_.close(ec);
@@ -509,6 +518,9 @@ void TlsTransport::shutdown_send() {
 }
 
 void TlsTransport::close() {
+  // From here on OpenSSL sees a dead descriptor, whatever number the
+  // kernel hands out next.
+  if (BIO* bio = SSL_get_rbio(ssl_)) BIO_set_data(bio, reinterpret_cast<void*>(std::intptr_t{-1}));
   std::error_code ec;
   socket_.shutdown(asio::ip::tcp::socket::shutdown_both, ec);
   socket_.close(ec);
