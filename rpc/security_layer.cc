@@ -47,16 +47,6 @@ asio::awaitable<IoResult> LayeredTransport::read_some(asio::mutable_buffer buffe
   co_return IoResult{std::error_code{}, n};
 }
 
-asio::awaitable<IoResult> LayeredTransport::read_exact(asio::mutable_buffer buffer) {
-  std::size_t got = 0;
-  while (got < buffer.size()) {
-    auto [ec, n] = co_await read_some(buffer + got);
-    got += n;
-    if (ec) co_return IoResult{ec, got};
-  }
-  co_return IoResult{std::error_code{}, got};
-}
-
 asio::awaitable<IoResult> LayeredTransport::write_all(std::span<const asio::const_buffer> buffers) {
   if (!write_layer_) co_return co_await inner_->write_all(buffers);
   // Gather the plaintext into pieces of at most max_input() bytes (a

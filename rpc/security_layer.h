@@ -45,7 +45,6 @@ class LayeredTransport final : public Transport {
 
   asio::any_io_executor get_executor() override { return inner_->get_executor(); }
   asio::awaitable<IoResult> read_some(asio::mutable_buffer buffer) override;
-  asio::awaitable<IoResult> read_exact(asio::mutable_buffer buffer) override;
   asio::awaitable<IoResult> write_all(std::span<const asio::const_buffer> buffers) override;
   asio::awaitable<std::error_code> wait_readable() override;
   void set_buffer_size(int bytes) override { inner_->set_buffer_size(bytes); }

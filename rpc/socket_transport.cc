@@ -118,6 +118,16 @@ void SocketTransport<Protocol>::close() {
   socket_.close(ec);
 }
 
+asio::awaitable<IoResult> Transport::read_exact(asio::mutable_buffer buffer) {
+  std::size_t got = 0;
+  while (got < buffer.size()) {
+    auto [ec, n] = co_await read_some(buffer + got);
+    got += n;
+    if (ec) co_return IoResult{ec, got};
+  }
+  co_return IoResult{std::error_code{}, got};
+}
+
 template class SocketTransport<asio::local::stream_protocol>;
 template class SocketTransport<asio::ip::tcp>;
 

@@ -430,16 +430,6 @@ asio::awaitable<IoResult> TlsTransport::read_some(asio::mutable_buffer buffer) {
   }
 }
 
-asio::awaitable<IoResult> TlsTransport::read_exact(asio::mutable_buffer buffer) {
-  std::size_t got = 0;
-  while (got < buffer.size()) {
-    auto [ec, n] = co_await read_some(buffer + got);
-    got += n;
-    if (ec) co_return IoResult{ec, got};
-  }
-  co_return IoResult{std::error_code{}, got};
-}
-
 asio::awaitable<std::error_code> TlsTransport::write_bytes(const std::uint8_t* data, std::size_t size) {
   while (size > 0) {
     ERR_clear_error();

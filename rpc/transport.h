@@ -64,8 +64,9 @@ class Transport {
     (void)tail;
     return read_some(body);
   }
-  // Reads exactly buffer.size() bytes unless an error comes first.
-  virtual asio::awaitable<IoResult> read_exact(asio::mutable_buffer buffer) = 0;
+  // Reads exactly buffer.size() bytes unless an error comes first. The
+  // default loops on read_some.
+  virtual asio::awaitable<IoResult> read_exact(asio::mutable_buffer buffer);
   // Writes every byte of the gathered buffers (one writev where it can).
   virtual asio::awaitable<IoResult> write_all(std::span<const asio::const_buffer> buffers) = 0;
   // Waits until a read would not block (used by the half-duplex mode only).

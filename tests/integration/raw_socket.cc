@@ -97,6 +97,17 @@ bool RawSocket::read_frame(rpc::Header& header, std::vector<std::uint8_t>& body,
   return body.empty() || read_exact(body.data(), body.size(), deadline);
 }
 
+ferry::v1::Error RawSocket::read_error(std::chrono::milliseconds timeout) {
+  rpc::Header h;
+  std::vector<std::uint8_t> body;
+  if (!read_frame(h, body, timeout)) throw std::runtime_error("no reply within the timeout");
+  ferry::v1::Error e;
+  if (h.type != rpc::FrameType::reply || h.status != rpc::FrameStatus::error ||
+      !e.ParseFromArray(body.data(), static_cast<int>(body.size())))
+    throw std::runtime_error("expected an ERROR reply");
+  return e;
+}
+
 std::optional<std::string> RawSocket::read_goodbye(std::chrono::milliseconds timeout) {
   using Control = ferry::v1::Control;
   const auto deadline = std::chrono::steady_clock::now() + timeout;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "ferry/v1/error.pb.h"
 #include "rpc/frame.h"
 
 namespace ferry::testing {
@@ -34,6 +35,9 @@ class RawSocket {
   // Reads frames until the server's Goodbye MESSAGE; returns its reason, or
   // nullopt if none came within `timeout` (or the connection ended without one).
   std::optional<std::string> read_goodbye(std::chrono::milliseconds timeout = std::chrono::seconds(5));
+  // Reads the next frame, which must be an ERROR reply; returns its error
+  // (throws if the frame is something else or does not come).
+  ferry::v1::Error read_error(std::chrono::milliseconds timeout = std::chrono::seconds(5));
   int fd() const { return fd_; }
 
  private:

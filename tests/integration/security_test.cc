@@ -382,12 +382,7 @@ TEST_F(SecurityTest, PlainIsOnlyAllowedOverTls) {
   raw.send_frame({Control::program, Control::version, Control::SaslStart::number, rpc::FrameType::call, 2,
                   rpc::FrameStatus::ok},
                  start.SerializeAsString());
-  rpc::Header h;
-  std::vector<std::uint8_t> body;
-  ASSERT_TRUE(raw.read_frame(h, body));
-  ASSERT_EQ(h.status, rpc::FrameStatus::error);
-  ferry::v1::Error e;
-  ASSERT_TRUE(e.ParseFromArray(body.data(), static_cast<int>(body.size())));
+  const ferry::v1::Error e = raw.read_error();
   EXPECT_EQ(e.code(), ferry::v1::PERMISSION_DENIED);
   EXPECT_THAT(e.message(), HasSubstr("only allowed over TLS"));
 }
