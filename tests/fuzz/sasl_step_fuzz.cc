@@ -23,6 +23,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
 
 #include "rpc/error.h"
@@ -36,9 +37,13 @@ void require(bool ok, const char* what) {
   std::abort();
 }
 
+std::string scratch_dir;
+
 std::string make_sasldb() {
   char dir[] = "/tmp/ferry-sasl-fuzz-XXXXXX";
   require(::mkdtemp(dir) != nullptr, "mkdtemp");
+  scratch_dir = dir;
+  std::atexit([] { std::filesystem::remove_all(scratch_dir); });
   const std::string db = std::string(dir) + "/sasldb";
   const std::string cmd = "echo pw | saslpasswd2 -p -c -f '" + db + "' -a ferry -u ferry alice 2>&1";
   FILE* p = ::popen(cmd.c_str(), "r");
