@@ -11,6 +11,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "daemon/config.h"
 #include "daemon/default_paths.h"
 #include "daemon/test_service.h"
 #include "rpc/server.h"
@@ -28,22 +29,69 @@ void write_ready_file(const std::string& path, const std::vector<ferry::rpc::End
 
 }  // namespace
 
+namespace {
+
+// --config FILE (or --config=FILE) is read before the other options, which
+// then override what it says.
+std::string config_path_from(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--config" && i + 1 < argc) return argv[i + 1];
+    if (arg.rfind("--config=", 0) == 0) return arg.substr(9);
+  }
+  return {};
+}
+
+std::string join(const std::vector<std::string>& v) {
+  std::string out;
+  for (const auto& x : v) out += (out.empty() ? "" : ",") + x;
+  return out;
+}
+
+std::vector<std::string> split_commas(const std::string& text) {
+  std::vector<std::string> out;
+  for (std::size_t pos = 0; pos <= text.size();) {
+    auto comma = text.find(',', pos);
+    if (comma == std::string::npos) comma = text.size();
+    if (comma > pos) out.push_back(text.substr(pos, comma - pos));
+    pos = comma + 1;
+  }
+  return out;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  CLI::App app{"ferryd: serves ferry programs over UNIX, TCP and TLS sockets"};
+  const std::string config_path = config_path_from(argc, argv);
+  ferry::daemon::DaemonConfig config;
+  try {
+    config = config_path.empty() ? ferry::daemon::default_config() : ferry::daemon::load_config(config_path);
+  } catch (const ferry::Error& e) {
+    std::fprintf(stderr, "ferryd: %s\n", e.message().c_str());
+    return 2;
+  }
+
+  CLI::App app{"ferryd: serves ferry programs over UNIX, TCP and TLS sockets.\n"
+               "Settings come from --config FILE (TOML, see docs/configuration.md) or the embedded default;\n"
+               "the options below override them (their defaults shown are the configuration's values)."};
   // A later occurrence of an option overrides an earlier one (scripts add
   // to a base command line).
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
+  std::string config_flag;
+  app.add_option("--config", config_flag, "TOML configuration file (default: the embedded default)");
+  bool print_config = false;
+  app.add_flag("--print-config", print_config, "print the effective configuration as TOML and exit");
   std::vector<std::string> listen;
-  bool test_service = false;
-  std::string log_level = "info";
+  bool& test_service = config.test_service;
+  std::string& log_level = config.log_level;
   std::string ready_file;
-  unsigned shutdown_grace_ms = 5000;
-  ferry::rpc::ServerOptions options;
+  unsigned& shutdown_grace_ms = config.shutdown_grace_ms;
+  ferry::rpc::ServerOptions& options = config.server;
   unsigned keepalive_ms = static_cast<unsigned>(options.keepalive_interval.count());
 
   app.add_option("-l,--listen", listen,
-                 "address to listen on, repeatable: unix:/path, tcp:host:port or tls:host:port (default: unix:" +
-                     ferry::daemon::default_socket_path() + ")");
+                 "address to listen on, repeatable, replacing the configuration's: unix:/path, tcp:host:port or "
+                 "tls:host:port (now: " + join(config.listen) + ")");
   app.add_flag("--test-service", test_service, "serve the test program (99) used by tests and benchmarks");
   app.add_option("--io-threads", options.io_threads, "io threads (0 = one per core)")->capture_default_str();
   app.add_option("--worker-threads", options.worker_threads, "threads for handlers that block")
@@ -62,7 +110,8 @@ int main(int argc, char** argv) {
                  "SO_SNDBUF/SO_RCVBUF per connection in bytes (0 = kernel autotuning)")
       ->capture_default_str();
   // Security (docs/security.md).
-  std::string auth_unix = "none", auth_tcp = "sasl", auth_tls = "none";
+  std::string auth_unix = ferry::rpc::to_string(options.auth_unix), auth_tcp = ferry::rpc::to_string(options.auth_tcp),
+              auth_tls = ferry::rpc::to_string(options.auth_tls);
   app.add_option("--auth-unix", auth_unix, "authentication on unix: listeners: none (peer credentials) or sasl")
       ->capture_default_str()
       ->check(CLI::IsMember({"none", "sasl"}));
@@ -84,7 +133,7 @@ int main(int argc, char** argv) {
   app.add_option("--tls-min-version", tls.min_version, "1.3 or 1.2")->capture_default_str()->check(
       CLI::IsMember({"1.2", "1.3"}));
   auto& sasl = options.sasl;
-  std::string sasl_mechanisms = "SCRAM-SHA-256";
+  std::string sasl_mechanisms = join(sasl.mechanisms);
   app.add_option("--sasl-mechanisms", sasl_mechanisms,
                  "comma-separated SASL mechanisms to offer (PLAIN and LOGIN only ever over TLS)")
       ->capture_default_str();
@@ -94,7 +143,9 @@ int main(int argc, char** argv) {
   app.add_option("--sasl-min-ssf", sasl.min_ssf,
                  "least SASL protection without TLS (0: authentication only; 56+: require a security layer)")
       ->capture_default_str();
-  std::string unix_mode = "0600";
+  char mode_text[8];
+  std::snprintf(mode_text, sizeof mode_text, "0%o", options.unix_socket_mode);
+  std::string unix_mode = mode_text;
   app.add_option("--unix-socket-mode", unix_mode, "permissions of unix: sockets (octal)")->capture_default_str();
   app.add_option("--unix-socket-group", options.unix_socket_group, "group owning unix: sockets");
   app.add_option("--unix-allowed-user", options.unix_allowed_users,
@@ -105,7 +156,7 @@ int main(int argc, char** argv) {
   app.add_option("--max-streams-per-client", options.max_streams_per_client, "streams open at once per connection")
       ->capture_default_str();
   unsigned auth_timeout_ms = static_cast<unsigned>(options.auth_timeout.count());
-  unsigned idle_timeout_ms = 0;
+  unsigned idle_timeout_ms = static_cast<unsigned>(options.idle_timeout.count());
   app.add_option("--auth-timeout", auth_timeout_ms, "ms from accept to the end of TLS + Hello + SASL")
       ->capture_default_str();
   app.add_option("--idle-timeout", idle_timeout_ms, "ms a connection may sit with nothing in flight (0 = forever)")
@@ -126,13 +177,12 @@ int main(int argc, char** argv) {
   options.auth_unix = ferry::rpc::parse_auth_mode(auth_unix);
   options.auth_tcp = ferry::rpc::parse_auth_mode(auth_tcp);
   options.auth_tls = ferry::rpc::parse_auth_mode(auth_tls);
-  tls.verify_peer = !tls_no_verify_client;
-  sasl.mechanisms.clear();
-  for (std::size_t pos = 0; pos <= sasl_mechanisms.size();) {
-    auto comma = sasl_mechanisms.find(',', pos);
-    if (comma == std::string::npos) comma = sasl_mechanisms.size();
-    if (comma > pos) sasl.mechanisms.push_back(sasl_mechanisms.substr(pos, comma - pos));
-    pos = comma + 1;
+  if (tls_no_verify_client) tls.verify_peer = false;
+  sasl.mechanisms = split_commas(sasl_mechanisms);
+  if (!listen.empty()) config.listen = listen;
+  if (print_config) {
+    std::fputs(ferry::daemon::to_toml(config).c_str(), stdout);
+    return 0;
   }
   try {
     options.unix_socket_mode = static_cast<unsigned>(std::stoul(unix_mode, nullptr, 8));
@@ -160,9 +210,9 @@ int main(int argc, char** argv) {
   try {
     ferry::rpc::Server server(options);
     if (test_service) server.add_program(ferry::daemon::make_test_program(server));
-    if (listen.empty()) listen.push_back("unix:" + ferry::daemon::default_socket_path());
+    spdlog::info("configuration: {}", config.source);
     std::vector<ferry::rpc::Endpoint> bound;
-    for (const auto& l : listen) bound.push_back(server.listen(ferry::rpc::Endpoint::parse(l)));
+    for (const auto& l : config.listen) bound.push_back(server.listen(ferry::rpc::Endpoint::parse(l)));
     server.start();
     if (!ready_file.empty()) write_ready_file(ready_file, bound);
     spdlog::info("ferryd ready ({} io threads{})", options.io_threads ? options.io_threads : std::thread::hardware_concurrency(),

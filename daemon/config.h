@@ -1,0 +1,43 @@
+// ferryd's configuration: a TOML file (docs/configuration.md), an embedded
+// default used when there is none, and command-line options that override
+// either. Unknown keys and wrong types are errors that name the key and the
+// line, so a typo never silently falls back to a default.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "rpc/server.h"
+
+namespace ferry::daemon {
+
+struct PoolConfig {
+  std::string name;
+  std::string path;
+  bool read_only = false;
+};
+
+struct DaemonConfig {
+  rpc::ServerOptions server;
+  std::vector<std::string> listen;  // addresses; empty: the default unix socket
+  std::vector<PoolConfig> pools;    // the `default` pool when none is given
+  std::string log_level = "info";
+  unsigned shutdown_grace_ms = 5000;
+  bool test_service = false;
+  std::string source = "embedded default";  // where it came from, for the log
+};
+
+// What ferryd uses with no configuration file: a unix socket under
+// $XDG_RUNTIME_DIR/ferry (or ./var), a `default` pool next to it.
+DaemonConfig default_config();
+
+// Reads a TOML file over the defaults. Throws ferry::Error
+// (INVALID_ARGUMENT) with "FILE:LINE: what is wrong".
+DaemonConfig load_config(const std::string& path);
+DaemonConfig parse_config(const std::string& toml_text, const std::string& source_name);
+
+// The effective configuration as TOML (ferryd --print-config); parsing it
+// again gives the same configuration.
+std::string to_toml(const DaemonConfig& config);
+
+}  // namespace ferry::daemon
