@@ -206,6 +206,15 @@ DaemonConfig parse_config(const std::string& text, const std::string& source) {
   keepalive.integer("count", s.keepalive_count, 1, 1000);
   keepalive.check_all_used();
 
+  const auto& volumes_table = table_or_empty(top, "volumes", source);
+  Section volumes(volumes_table, "volumes", source);
+  volumes.string("file_io", c.volumes.file_io);
+  if (c.volumes.file_io != "io_uring" && c.volumes.file_io != "threads")
+    throw bad(source, volumes_table.get("file_io")->source(), "volumes.file_io must be \"io_uring\" or \"threads\"");
+  volumes.integer("file_io_threads", c.volumes.file_io_threads, 1, 256);
+  volumes.integer("io_depth", c.volumes.io_depth, 1, 256);
+  volumes.check_all_used();
+
   if (const toml::node* pools = top.get("pool")) {
     auto* arr = pools->as_array();
     if (!arr) throw bad(source, pools->source(), "pools are written [[pool]] with name and path");
@@ -279,6 +288,9 @@ std::string to_toml(const DaemonConfig& c) {
                                     {"idle_timeout_ms", static_cast<std::int64_t>(s.idle_timeout.count())}});
   root.insert("keepalive", toml::table{{"interval_ms", static_cast<std::int64_t>(s.keepalive_interval.count())},
                                        {"count", static_cast<std::int64_t>(s.keepalive_count)}});
+  root.insert("volumes", toml::table{{"file_io", c.volumes.file_io},
+                                     {"file_io_threads", static_cast<std::int64_t>(c.volumes.file_io_threads)},
+                                     {"io_depth", static_cast<std::int64_t>(c.volumes.io_depth)}});
   toml::array pools;
   for (const auto& p : c.pools) pools.push_back(toml::table{{"name", p.name}, {"path", p.path}, {"read_only", p.read_only}});
   root.insert("pool", pools);

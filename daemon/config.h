@@ -17,10 +17,18 @@ struct PoolConfig {
   bool read_only = false;
 };
 
+// [volumes]: how volume files are read and written.
+struct VolumeOptions {
+  std::string file_io = "io_uring";  // or "threads" (also the fallback where io_uring is refused)
+  unsigned file_io_threads = 4;      // pool for blocking file work
+  unsigned io_depth = 8;             // file operations in flight per stream
+};
+
 struct DaemonConfig {
   rpc::ServerOptions server;
   std::vector<std::string> listen;  // addresses; empty: the default unix socket
   std::vector<PoolConfig> pools;    // the `default` pool when none is given
+  VolumeOptions volumes;
   std::string log_level = "info";
   unsigned shutdown_grace_ms = 5000;
   bool test_service = false;

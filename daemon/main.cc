@@ -14,6 +14,7 @@
 #include "daemon/config.h"
 #include "daemon/default_paths.h"
 #include "daemon/test_service.h"
+#include "daemon/volumes.h"
 #include "rpc/server.h"
 
 namespace {
@@ -161,6 +162,13 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--idle-timeout", idle_timeout_ms, "ms a connection may sit with nothing in flight (0 = forever)")
       ->capture_default_str();
+  std::vector<std::string> pool_flags;
+  app.add_option("--pool", pool_flags,
+                 "NAME=DIR[:ro] storage pool, repeatable, replacing the configuration's (default: a pool 'default' "
+                 "beside the socket)");
+  app.add_option("--file-io", config.volumes.file_io, "volume file I/O: io_uring or threads")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"io_uring", "threads"}));
   app.add_option("--shutdown-grace", shutdown_grace_ms, "ms calls in flight get to finish on SIGTERM")
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")->capture_default_str();
@@ -180,6 +188,22 @@ int main(int argc, char** argv) {
   if (tls_no_verify_client) tls.verify_peer = false;
   sasl.mechanisms = split_commas(sasl_mechanisms);
   if (!listen.empty()) config.listen = listen;
+  if (!pool_flags.empty()) {
+    config.pools.clear();
+    for (const auto& flag : pool_flags) {
+      const auto eq = flag.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == flag.size()) {
+        std::fprintf(stderr, "ferryd: --pool '%s': expected NAME=DIR or NAME=DIR:ro\n", flag.c_str());
+        return 2;
+      }
+      ferry::daemon::PoolConfig pool{flag.substr(0, eq), flag.substr(eq + 1), false};
+      if (pool.path.size() > 3 && pool.path.compare(pool.path.size() - 3, 3, ":ro") == 0) {
+        pool.read_only = true;
+        pool.path.resize(pool.path.size() - 3);
+      }
+      config.pools.push_back(pool);
+    }
+  }
   if (print_config) {
     std::fputs(ferry::daemon::to_toml(config).c_str(), stdout);
     return 0;
@@ -208,9 +232,13 @@ int main(int argc, char** argv) {
   }
 
   try {
+    // Outlives the server, whose handlers use it.
+    ferry::daemon::VolumeService volumes(config.pools, config.volumes);
     ferry::rpc::Server server(options);
+    server.add_program(volumes.program());
     if (test_service) server.add_program(ferry::daemon::make_test_program(server));
     spdlog::info("configuration: {}", config.source);
+    spdlog::info("volumes: {}", volumes.describe());
     std::vector<ferry::rpc::Endpoint> bound;
     for (const auto& l : config.listen) bound.push_back(server.listen(ferry::rpc::Endpoint::parse(l)));
     server.start();

@@ -104,6 +104,36 @@ void log_handler_exception(const CallState& state, const Error& error);
 
 }  // namespace detail
 
+// Pushes MESSAGEs to one client after the call that handed it out has
+// ended (event subscriptions). Holds the client's session weakly: once the
+// client is gone, send() returns false and open() turns false. Copyable,
+// thread-safe.
+class MessageChannel {
+ public:
+  MessageChannel() = default;
+  explicit MessageChannel(std::weak_ptr<detail::CallSink> sink) : sink_(std::move(sink)) {}
+
+  template <class P>
+  bool send(const typename P::Call& message) const {
+    static_assert(P::message, "MessageChannel::send takes a MESSAGE procedure");
+    auto sink = sink_.lock();
+    if (!sink) return false;
+    return sink->push_message(P::Program::program, P::Program::version, P::number,
+                              serialize(message, sink->pool()));
+  }
+  bool open() const {
+    auto sink = sink_.lock();
+    return sink && sink->connection() && !sink->connection()->closed();
+  }
+  // Both lead to the same client connection.
+  bool same_client(const MessageChannel& other) const {
+    return !sink_.owner_before(other.sink_) && !other.sink_.owner_before(sink_);
+  }
+
+ private:
+  std::weak_ptr<detail::CallSink> sink_;
+};
+
 // What a handler knows about its call. Valid for the handler's lifetime.
 class CallContext {
  public:
@@ -123,6 +153,8 @@ class CallContext {
     return state_->sink->push_message(P::Program::program, P::Program::version, P::number,
                                       serialize(message, state_->sink->pool()));
   }
+  // A handle to push MESSAGEs to this client later, after this call.
+  MessageChannel channel() const { return MessageChannel(state_->sink); }
 
  private:
   std::shared_ptr<detail::CallState> state_;

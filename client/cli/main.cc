@@ -1,45 +1,114 @@
-// ferry: command-line client.
+// ferry: command-line client (docs/cli.md).
+#include <signal.h>
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
-#include <deque>
-#include <filesystem>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
+#include <filesystem>
+#include <mutex>
 #include <spdlog/spdlog.h>
+#include <thread>
 
+#include "client/cli/output.h"
+#include "client/session.h"
 #include "daemon/default_paths.h"
 #include "ferry/v1/control.ferry.h"
 #include "ferry/v1/test.ferry.h"
-#include "rpc/client.h"
-#include "rpc/io_threads.h"
 
 namespace {
 
-using ferry::rpc::Client;
+using namespace ferry::cli;
+using ferry::Session;
 using Clock = std::chrono::steady_clock;
 
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
-int run_ping(Client& client, unsigned count) {
+struct Global {
+  bool json = false;
+  bool quiet = false;
+  std::string progress = "auto";  // auto, bar, none
+};
+
+// Ctrl-C and SIGTERM: abort the running transfer (the daemon learns at
+// once and keeps the volume consistent), stop following events, exit 130.
+struct Interrupts {
+  std::mutex mutex;
+  std::condition_variable cv;
+  bool fired = false;
+  Session* session = nullptr;
+  std::thread thread;
+  sigset_t set{};
+
+  void start() {
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    pthread_sigmask(SIG_BLOCK, &set, nullptr);
+    thread = std::thread([this] {
+      int sig = 0;
+      for (;;) {
+        if (sigwait(&set, &sig) != 0) continue;
+        std::unique_lock lock(mutex);
+        if (fired) std::_Exit(Exit::interrupted);  // second Ctrl-C: leave now
+        fired = true;
+        if (session) session->abort_transfers(std::string("interrupted by ") + (sig == SIGINT ? "SIGINT" : "SIGTERM"));
+        cv.notify_all();
+      }
+    });
+  }
+  // The thread stays in sigwait until the process exits; it only needs to
+  // stop reaching for the session.
+  void stop() {
+    std::lock_guard lock(mutex);
+    session = nullptr;
+    if (thread.joinable()) thread.detach();
+  }
+  bool was_fired() {
+    std::lock_guard lock(mutex);
+    return fired;
+  }
+};
+
+Interrupts g_interrupts;
+
+void print_line(const std::string& s) { std::printf("%s\n", s.c_str()); }
+
+int run_ping(Session& session, unsigned count, const Global& g) {
+  auto& client = session.rpc();
   ferry::v1::Ping ping;
   std::vector<double> rtts;
   for (unsigned i = 0; i < count; ++i) {
     ping.set_token(i);
     auto t = Clock::now();
-    client.call_future<ferry::v1::Control::KeepalivePing>(ping, ferry::rpc::with_timeout(std::chrono::seconds(10))).get();
+    client.call_future<ferry::v1::Control::KeepalivePing>(ping, ferry::rpc::with_timeout(std::chrono::seconds(10)))
+        .get();
     rtts.push_back(ms_since(t));
   }
   std::sort(rtts.begin(), rtts.end());
-  std::printf("%u pings to %s (%s): min %.3f ms, median %.3f ms, max %.3f ms\n", count,
-              client.server().name.c_str(), client.peer().address.c_str(), rtts.front(), rtts[rtts.size() / 2],
-              rtts.back());
+  if (g.json) {
+    Json j;
+    j.field("server", client.server().name)
+        .field("address", client.peer().address)
+        .field("count", static_cast<std::uint64_t>(count))
+        .field("min_ms", rtts.front())
+        .field("median_ms", rtts[rtts.size() / 2])
+        .field("max_ms", rtts.back());
+    print_line(j.str());
+  } else {
+    std::printf("%u pings to %s (%s): min %.3f ms, median %.3f ms, max %.3f ms\n", count, client.server().name.c_str(),
+                client.peer().address.c_str(), rtts.front(), rtts[rtts.size() / 2], rtts.back());
+  }
   return 0;
 }
 
-int run_echo(Client& client, const std::string& text, unsigned count, unsigned inflight) {
+int run_echo(Session& session, const std::string& text, unsigned count, unsigned inflight) {
   using ferry::test::v1::Test;
-  Test::Stub<Client> stub(client);
+  Test::Stub<ferry::rpc::Client> stub(session.rpc());
   ferry::test::v1::EchoCall call;
   call.set_payload(text);
   // Round trip first, so a missing test program fails with its own message.
@@ -64,14 +133,155 @@ int run_echo(Client& client, const std::string& text, unsigned count, unsigned i
   return 0;
 }
 
+std::string pad(const std::string& s, std::size_t w) { return s.size() >= w ? s : s + std::string(w - s.size(), ' '); }
+std::string lpad(const std::string& s, std::size_t w) { return s.size() >= w ? s : std::string(w - s.size(), ' ') + s; }
+
+int run_pool_list(Session& session, const Global& g) {
+  auto pools = session.pool_list();
+  if (g.json) {
+    std::vector<std::string> items;
+    for (const auto& p : pools) items.push_back(pool_json(p).str());
+    print_line(Json::array(items));
+    return 0;
+  }
+  std::printf("%s %s %s %s  %s\n", pad("Name", 16).c_str(), lpad("Volumes", 7).c_str(), lpad("Allocation", 11).c_str(),
+              lpad("Available", 11).c_str(), "Path");
+  for (const auto& p : pools)
+    std::printf("%s %s %s %s  %s%s\n", pad(p.name(), 16).c_str(), lpad(std::to_string(p.volumes()), 7).c_str(),
+                lpad(human_size(p.allocation()), 11).c_str(), lpad(human_size(p.available()), 11).c_str(),
+                p.path().c_str(), p.read_only() ? " (read-only)" : "");
+  return 0;
+}
+
+std::string state_of(const ferry::v1::VolumeInfo& v) {
+  if (v.writing()) return "writing";
+  if (v.readers()) return "reading(" + std::to_string(v.readers()) + ")";
+  return "-";
+}
+
+int run_vol_list(Session& session, const std::string& pool, const Global& g) {
+  auto volumes = session.vol_list(pool);
+  if (g.json) {
+    std::vector<std::string> items;
+    for (const auto& v : volumes) items.push_back(volume_json(v).str());
+    print_line(Json::array(items));
+    return 0;
+  }
+  std::printf("%s %s %s  %s\n", pad("Name", 32).c_str(), lpad("Capacity", 11).c_str(), lpad("Allocation", 11).c_str(),
+              "State");
+  for (const auto& v : volumes)
+    std::printf("%s %s %s  %s\n", pad(v.name(), 32).c_str(), lpad(human_size(v.capacity()), 11).c_str(),
+                lpad(human_size(v.allocation()), 11).c_str(), state_of(v).c_str());
+  return 0;
+}
+
+void print_volume(const ferry::v1::VolumeInfo& v, const Global& g) {
+  if (g.json) {
+    print_line(volume_json(v).str());
+    return;
+  }
+  std::printf("Pool:       %s\nName:       %s\nCapacity:   %s (%llu bytes)\nAllocation: %s (%llu bytes)\nState:      %s\n",
+              v.pool().c_str(), v.name().c_str(), human_size(v.capacity()).c_str(),
+              static_cast<unsigned long long>(v.capacity()), human_size(v.allocation()).c_str(),
+              static_cast<unsigned long long>(v.allocation()), state_of(v).c_str());
+}
+
+bool progress_enabled(const Global& g) {
+  if (g.quiet || g.progress == "none") return false;
+  if (g.progress == "bar") return true;
+  return ::isatty(STDERR_FILENO) != 0;
+}
+
+void print_transfer(const char* verb, const VolumeName& vol, const std::string& path,
+                    const ferry::TransferResult& r, const Global& g) {
+  const double secs = std::chrono::duration<double>(r.elapsed).count();
+  const std::uint64_t total = r.data_bytes + r.hole_bytes;
+  if (g.json) {
+    Json j;
+    j.field("operation", verb)
+        .field("pool", vol.pool)
+        .field("name", vol.name)
+        .field("file", path)
+        .field("bytes", total)
+        .field("data_bytes", r.data_bytes)
+        .field("hole_bytes", r.hole_bytes)
+        .field("seconds", secs)
+        .field("bytes_per_second", secs > 0 ? static_cast<double>(total) / secs : 0.0);
+    if (r.volume.capacity()) j.raw("volume", volume_json(r.volume).str());
+    print_line(j.str());
+    return;
+  }
+  if (g.quiet) return;
+  std::printf("%s %s/%s %s %s: %s (%s data, %s holes) in %s, %s\n", verb, vol.pool.c_str(), vol.name.c_str(),
+              std::string(verb) == "uploaded" ? "from" : "to", path.c_str(), human_size(total).c_str(),
+              human_size(r.data_bytes).c_str(), human_size(r.hole_bytes).c_str(), human_duration(secs).c_str(),
+              human_rate(secs > 0 ? static_cast<double>(total) / secs : 0).c_str());
+}
+
+int run_events(Session& session, const std::string& pool, unsigned count, double timeout_s, const Global& g) {
+  std::mutex mutex;
+  std::condition_variable cv;
+  std::deque<ferry::v1::VolumeEvent> queue;
+  session.subscribe(
+      [&](const ferry::v1::VolumeEvent& e) {
+        std::lock_guard lock(mutex);
+        queue.push_back(e);
+        cv.notify_all();
+      },
+      pool);
+  if (!g.json && !g.quiet)
+    std::fprintf(stderr, "following volume events%s%s (Ctrl-C to stop)\n", pool.empty() ? "" : " of pool ",
+                 pool.c_str());
+  const auto deadline = timeout_s > 0 ? Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                                           std::chrono::duration<double>(timeout_s))
+                                      : Clock::time_point::max();
+  unsigned seen = 0;
+  for (;;) {
+    std::unique_lock lock(mutex);
+    cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return !queue.empty(); });
+    while (!queue.empty()) {
+      auto e = queue.front();
+      queue.pop_front();
+      lock.unlock();
+      if (g.json) {
+        print_line(event_json(e).str());
+      } else {
+        std::printf("%-8s %s/%s  %s\n", event_kind_name(e.kind()), e.volume().pool().c_str(),
+                    e.volume().name().c_str(), e.detail().c_str());
+      }
+      std::fflush(stdout);
+      lock.lock();
+      if (count && ++seen >= count) return 0;
+    }
+    if (g_interrupts.was_fired()) return 0;  // asked to stop: a normal end for a follower
+    if (!session.rpc().is_open())
+      throw ferry::Error(ferry::Code::unavailable, "the connection to the daemon closed", "client");
+    if (Clock::now() >= deadline) return 0;
+  }
+}
+
+std::uint64_t size_arg(const std::string& text, const char* what) {
+  auto v = parse_size(text);
+  if (!v) throw CLI::ValidationError(what, "'" + text + "' is not a size (bytes, or with K, M, G, T, P)");
+  return *v;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  CLI::App app{"ferry: talk to a ferryd"};
+  CLI::App app{"ferry: move virtual-machine volumes to and from a ferryd.\n"
+               "Volumes are named POOL/NAME (or NAME, in pool 'default'). Exit codes: docs/cli.md."};
   app.require_subcommand(1);
+  app.option_defaults()->always_capture_default();
   std::string uri = "ferry+unix://" + std::filesystem::absolute(ferry::daemon::default_socket_path()).lexically_normal().string();
-  app.add_option("-c,--connect", uri, "server URI: ferry+unix:///path, ferry+tcp://host:port or ferry+tls://host:port")
-      ->capture_default_str();
+  if (const char* env = std::getenv("FERRY_URI"); env && *env) uri = env;
+  app.add_option("-c,--connect", uri,
+                 "daemon URI: ferry+unix:///path, ferry+tcp://host:port or ferry+tls://host:port ($FERRY_URI)");
+  Global g;
+  app.add_flag("--json", g.json, "print results as JSON (one object per line for events)");
+  app.add_flag("-q,--quiet", g.quiet, "print nothing on success");
+  app.add_option("--progress", g.progress, "progress bar on stderr: auto (when it is a terminal), bar, none")
+      ->check(CLI::IsMember({"auto", "bar", "none"}));
   ferry::rpc::ClientOptions options;
   options.name = "ferry-cli";
   app.add_option("--tls-ca", options.tls.ca_file, "PEM CAs to check the server's certificate against (default: system)");
@@ -86,24 +296,89 @@ int main(int argc, char** argv) {
   app.add_option("--sasl-mech", options.sasl.mechanisms, "acceptable SASL mechanism(s) (default: the server's choice)");
 
   unsigned ping_count = 5;
-  auto* ping = app.add_subcommand("ping", "measure round trips to the server");
-  ping->add_option("-n,--count", ping_count, "pings to send")->capture_default_str();
+  auto* ping = app.add_subcommand("ping", "measure round trips to the daemon");
+  ping->add_option("-n,--count", ping_count, "pings to send");
 
   std::string text = "hello";
   unsigned echo_count = 1, echo_inflight = 128;
   auto* echo = app.add_subcommand("echo", "echo text through the test program (ferryd --test-service)");
-  echo->add_option("text", text, "what to send")->capture_default_str();
-  echo->add_option("-n,--count", echo_count, "calls to make (more than 1 prints calls/s)")->capture_default_str();
-  echo->add_option("--inflight", echo_inflight, "calls in flight at once")->capture_default_str();
+  echo->add_option("text", text, "what to send");
+  echo->add_option("-n,--count", echo_count, "calls to make (more than 1 prints calls/s)");
+  echo->add_option("--inflight", echo_inflight, "calls in flight at once");
 
-  CLI11_PARSE(app, argc, argv);
+  auto* pool_list = app.add_subcommand("pool-list", "list the daemon's storage pools");
+
+  std::string list_pool = "default";
+  auto* vol_list = app.add_subcommand("vol-list", "list the volumes of a pool");
+  vol_list->add_option("pool", list_pool, "pool name");
+
+  std::string volume_arg;
+  auto* vol_info = app.add_subcommand("vol-info", "show a volume's capacity, allocation and state");
+  vol_info->add_option("volume", volume_arg, "POOL/NAME")->required();
+
+  std::string size_text;
+  bool preallocate = false;
+  auto* vol_create = app.add_subcommand("vol-create", "create a sparse volume of the given size");
+  vol_create->add_option("volume", volume_arg, "POOL/NAME")->required();
+  vol_create->add_option("size", size_text, "capacity: bytes, or with K, M, G, T (binary)")->required();
+  vol_create->add_flag("--preallocate", preallocate, "allocate every block now instead of sparse");
+
+  auto* vol_delete = app.add_subcommand("vol-delete", "delete a volume (running downloads of it are aborted)");
+  vol_delete->add_option("volume", volume_arg, "POOL/NAME")->required();
+
+  bool shrink = false;
+  auto* vol_resize = app.add_subcommand("vol-resize", "change a volume's capacity");
+  vol_resize->add_option("volume", volume_arg, "POOL/NAME")->required();
+  vol_resize->add_option("size", size_text, "new capacity, or +SIZE to grow by that much")->required();
+  vol_resize->add_flag("--shrink", shrink, "allow a smaller capacity (drops the data past it)");
+
+  std::string file_arg, offset_text = "0", length_text;
+  bool sparse = false, dense = false, atomic = false, create = false, no_sync = false, keep_capacity = false;
+  auto* vol_upload = app.add_subcommand("vol-upload", "send a local file (or - for stdin) into a volume");
+  vol_upload->add_option("volume", volume_arg, "POOL/NAME")->required();
+  vol_upload->add_option("file", file_arg, "local file, or - for standard input")->required();
+  vol_upload->add_option("--offset", offset_text, "where in the volume the file's first byte goes");
+  vol_upload->add_option("--length", length_text, "bytes of the file to send (default: all)");
+  vol_upload->add_flag("--sparse", sparse, "also send all-zero chunks as holes (holes in the file always are)");
+  vol_upload->add_flag("--dense", dense, "send every byte, holes as zeros");
+  vol_upload->add_flag("--atomic", atomic,
+                       "write a temporary copy and replace the volume only when all of it arrived; on failure "
+                       "the volume keeps its old contents");
+  vol_upload->add_flag("--keep-capacity", keep_capacity, "with --atomic: keep the volume's size if the file is shorter");
+  vol_upload->add_flag("--create", create, "create the volume, sized to the file, if it does not exist");
+  vol_upload->add_flag("--no-sync", no_sync, "do not wait for the daemon to sync the data to disk");
+  vol_upload->get_option("--sparse")->excludes("--dense");
+
+  auto* vol_download = app.add_subcommand("vol-download", "write a volume into a local file (or - for stdout)");
+  vol_download->add_option("volume", volume_arg, "POOL/NAME")->required();
+  vol_download->add_option("file", file_arg, "local file (created or truncated), or - for standard output")->required();
+  vol_download->add_option("--offset", offset_text, "first byte of the volume to fetch");
+  vol_download->add_option("--length", length_text, "bytes to fetch (default: to the end)");
+  vol_download->add_flag("--sparse", sparse, "also turn all-zero chunks into holes (holes always stay holes)");
+  vol_download->add_flag("--dense", dense, "write every byte, holes as zeros");
+  vol_download->get_option("--sparse")->excludes("--dense");
+
+  std::string events_pool;
+  unsigned events_count = 0;
+  double events_timeout = 0;
+  auto* events = app.add_subcommand("events", "follow volume events (created, deleted, resized, written)");
+  events->add_option("--pool", events_pool, "only this pool's events");
+  events->add_option("-n,--count", events_count, "stop after this many events (0: never)");
+  events->add_option("--timeout", events_timeout, "stop after this many seconds (0: never)");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);
+    return rc == 0 ? 0 : Exit::usage;
+  }
   spdlog::set_level(spdlog::level::warn);
 
   if (!password_file.empty()) {
     std::FILE* f = std::fopen(password_file.c_str(), "r");
     if (!f) {
       std::fprintf(stderr, "ferry: cannot read %s\n", password_file.c_str());
-      return 2;
+      return Exit::usage;
     }
     char line[1024] = {};
     if (std::fgets(line, sizeof line, f)) options.sasl.password = line;
@@ -115,16 +390,106 @@ int main(int argc, char** argv) {
     options.sasl.password = pw;
   }
 
+  std::uint64_t offset = 0;
+  std::optional<std::uint64_t> length;
+  std::uint64_t size = 0;
+  bool grow = false;
   try {
-    ferry::rpc::IoThreads io(1);
-    Client client = Client::connect_sync(io.executor(), uri, options);
-    int rc = 0;
-    if (*ping) rc = run_ping(client, std::max(1u, ping_count));
-    if (*echo) rc = run_echo(client, text, echo_count, std::max(1u, echo_inflight));
-    client.close();
-    return rc;
-  } catch (const ferry::Error& e) {
-    std::fprintf(stderr, "ferry: %s\n", e.describe().c_str());
-    return e.code() == ferry::Code::unavailable ? 3 : 1;
+    offset = size_arg(offset_text, "--offset");
+    if (!length_text.empty()) length = size_arg(length_text, "--length");
+    if (!size_text.empty()) {
+      grow = size_text[0] == '+';
+      size = size_arg(grow ? size_text.substr(1) : size_text, "size");
+    }
+  } catch (const CLI::ValidationError& e) {
+    std::fprintf(stderr, "ferry: %s\n", e.what());
+    return Exit::usage;
   }
+  const VolumeName vol = parse_volume(volume_arg);
+
+  g_interrupts.start();
+  int rc = 0;
+  try {
+    Session session = Session::connect(uri, options);
+    {
+      std::lock_guard lock(g_interrupts.mutex);
+      g_interrupts.session = &session;
+    }
+    if (*ping) rc = run_ping(session, std::max(1u, ping_count), g);
+    if (*echo) rc = run_echo(session, text, echo_count, std::max(1u, echo_inflight));
+    if (*pool_list) rc = run_pool_list(session, g);
+    if (*vol_list) rc = run_vol_list(session, list_pool, g);
+    if (*vol_info) print_volume(session.vol_info(vol.pool, vol.name), g);
+    if (*vol_create) {
+      auto info = session.vol_create(vol.pool, vol.name, size, preallocate);
+      if (g.json) print_volume(info, g);
+      else if (!g.quiet) std::printf("created %s/%s, %s\n", vol.pool.c_str(), vol.name.c_str(), human_size(size).c_str());
+    }
+    if (*vol_delete) {
+      session.vol_delete(vol.pool, vol.name);
+      if (g.json) print_line(Json().field("deleted", vol.pool + "/" + vol.name).str());
+      else if (!g.quiet) std::printf("deleted %s/%s\n", vol.pool.c_str(), vol.name.c_str());
+    }
+    if (*vol_resize) {
+      std::uint64_t target = size;
+      if (grow) target = session.vol_info(vol.pool, vol.name).capacity() + size;
+      auto info = session.vol_resize(vol.pool, vol.name, target, shrink);
+      if (g.json) print_volume(info, g);
+      else if (!g.quiet)
+        std::printf("resized %s/%s to %s\n", vol.pool.c_str(), vol.name.c_str(), human_size(info.capacity()).c_str());
+    }
+    if (*vol_upload || *vol_download) {
+      ProgressBar bar(progress_enabled(g), (*vol_upload ? "upload " : "download ") + vol.pool + "/" + vol.name);
+      ferry::TransferResult result;
+      try {
+        if (*vol_upload) {
+          ferry::UploadOptions o;
+          o.offset = offset;
+          o.length = length;
+          o.detect_zeros = sparse;
+          o.dense = dense;
+          o.atomic = atomic;
+          o.keep_capacity = keep_capacity;
+          o.create = create;
+          o.no_sync = no_sync;
+          result = session.upload_file(vol.pool, vol.name, file_arg, o, [&](const ferry::Progress& p) { bar.update(p); });
+        } else {
+          ferry::DownloadOptions o;
+          o.offset = offset;
+          o.length = length;
+          o.detect_zeros = sparse;
+          o.dense = dense;
+          result =
+              session.download_file(vol.pool, vol.name, file_arg, o, [&](const ferry::Progress& p) { bar.update(p); });
+        }
+      } catch (...) {
+        bar.clear();
+        throw;
+      }
+      bar.clear();
+      print_transfer(*vol_upload ? "uploaded" : "downloaded", vol, file_arg, result, g);
+    }
+    if (*events) rc = run_events(session, events_pool, events_count, events_timeout, g);
+    {
+      std::lock_guard lock(g_interrupts.mutex);
+      g_interrupts.session = nullptr;
+    }
+    session.close();
+  } catch (const ferry::Error& e) {
+    {
+      std::lock_guard lock(g_interrupts.mutex);
+      g_interrupts.session = nullptr;
+    }
+    if (g.json) {
+      Json j;
+      j.field("error", ferry::to_string(e.code())).field("message", e.message()).field("retryable", e.retryable());
+      std::fprintf(stderr, "%s\n", j.str().c_str());
+    } else {
+      std::fprintf(stderr, "ferry: %s\n", e.describe().c_str());
+    }
+    rc = g_interrupts.was_fired() ? Exit::interrupted : exit_code_for(e.code());
+  }
+  g_interrupts.stop();
+  std::fflush(stdout);
+  return rc;
 }

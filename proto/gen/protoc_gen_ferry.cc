@@ -77,6 +77,9 @@ std::string header_name(const std::string& proto_name, const std::string& suffix
 
 class Generator : public gp::compiler::CodeGenerator {
  public:
+  // The traits never look at fields, so proto3 `optional` changes nothing here.
+  std::uint64_t GetSupportedFeatures() const override { return FEATURE_PROTO3_OPTIONAL; }
+
   bool Generate(const gp::FileDescriptor* file, const std::string&,
                 gp::compiler::GeneratorContext* context, std::string* error) const override {
     std::unique_ptr<gp::io::ZeroCopyOutputStream> out(

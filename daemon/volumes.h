@@ -1,0 +1,82 @@
+// The volume service (program 1, proto/ferry/v1/volume.proto): directory
+// pools of raw, sparse volume files, served to ferry clients.
+//
+// What it promises (docs/volumes.md):
+//  - Names are file names, never paths: validated, opened relative to the
+//    pool's directory descriptor with O_NOFOLLOW, so neither "../x" nor a
+//    symbolic link planted in the pool reaches outside it.
+//  - One writer per volume: an upload holds the volume's writer lock from
+//    its CALL until its last write has landed; a second upload, a delete or a
+//    resize meanwhile is refused with FAILED_PRECONDITION (retryable), naming
+//    who writes. Downloads run beside each other and beside a writer; a
+//    delete aborts the running downloads of that volume.
+//  - Uploads write in place (what was written stays if the stream fails) or,
+//    with atomic, into a temporary file that replaces the volume only when
+//    the stream has ended well and the data is synced; a failed atomic upload
+//    leaves the old contents and no temporary file.
+//  - File I/O goes through FileIo (io_uring or a thread pool) with a few
+//    operations in flight per stream and pooled buffers, so a stream costs
+//    no thread and at most depth x chunk bytes of memory beyond its window.
+//  - Events (VolumeEvent MESSAGEs) go to every connection that subscribed,
+//    for creates, deletes, resizes and finished (or failed) uploads.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "daemon/config.h"
+#include "daemon/file_io.h"
+#include "rpc/program.h"
+
+namespace ferry::stream {
+class Stream;
+}
+
+namespace ferry::v1 {
+class VolumeEvent;
+}
+
+namespace ferry::daemon {
+
+// Throws INVALID_ARGUMENT unless `name` is a plain volume file name.
+void validate_volume_name(const std::string& name);
+
+class VolumeService {
+ public:
+  // Opens (and creates, if missing) every pool's directory. Throws if one
+  // cannot be used.
+  VolumeService(const std::vector<PoolConfig>& pools, VolumeOptions options);
+  ~VolumeService();
+  VolumeService(const VolumeService&) = delete;
+  VolumeService& operator=(const VolumeService&) = delete;
+
+  std::shared_ptr<rpc::Program> program();
+  FileIo& file_io() { return *io_; }
+  std::string describe() const;
+
+  struct Pool {
+    std::string name;
+    std::string path;
+    bool read_only = false;
+    int dirfd = -1;
+  };
+
+  // Who holds a volume, for the writer lock and for deletes.
+  class Registry;
+  class Events;
+
+ private:
+  const Pool& pool(const std::string& name) const;
+
+  VolumeOptions options_;
+  std::vector<Pool> pools_;
+  std::unique_ptr<FileIo> io_;
+  std::shared_ptr<Registry> registry_;
+  std::shared_ptr<Events> events_;
+};
+
+}  // namespace ferry::daemon
