@@ -51,14 +51,21 @@ struct Interrupts {
     pthread_sigmask(SIG_BLOCK, &set, nullptr);
     thread = std::thread([this] {
       int sig = 0;
-      for (;;) {
-        if (sigwait(&set, &sig) != 0) continue;
+      while (sigwait(&set, &sig) != 0) {
+      }
+      {
         std::unique_lock lock(mutex);
-        if (fired) std::_Exit(Exit::interrupted);  // second Ctrl-C: leave now
         fired = true;
         if (session) session->abort_transfers(std::string("interrupted by ") + (sig == SIGINT ? "SIGINT" : "SIGTERM"));
         cv.notify_all();
       }
+      // The main thread normally ends within moments (its next write or
+      // read of the stream fails). If it is stuck on local input (a pipe
+      // that never ends) or a second Ctrl-C comes, leave anyway: the abort
+      // has reached the daemon by then.
+      const timespec grace{3, 0};
+      sigtimedwait(&set, nullptr, &grace);
+      std::_Exit(Exit::interrupted);
     });
   }
   // The thread stays in sigwait until the process exits; it only needs to

@@ -81,7 +81,7 @@ unsigned long status_field(pid_t pid, const std::string& key) {
 
 }  // namespace
 
-FerrydProcess::FerrydProcess(std::vector<std::string> extra_args) {
+FerrydProcess::FerrydProcess(std::vector<std::string> extra_args, std::vector<std::string> wrapper) {
   socket_path_ = dir() + "/ferryd.sock";
   log_path_ = dir() + "/ferryd.log";
   const std::string ready = dir() + "/ready";
@@ -95,7 +95,11 @@ FerrydProcess::FerrydProcess(std::vector<std::string> extra_args) {
     argv.insert(argv.end(), {"--listen", "tls:127.0.0.1:0", "--tls-ca", m.ca.cert, "--tls-cert", m.server.cert,
                              "--tls-key", m.server.key});
   }
+  bool own_pools = false;
+  for (const auto& a : extra_args) own_pools = own_pools || a == "--pool" || a == "--config" || a.rfind("--pool=", 0) == 0;
+  if (!own_pools) argv.insert(argv.end(), {"--pool", "default=" + pool_dir()});
   argv.insert(argv.end(), extra_args.begin(), extra_args.end());
+  argv.insert(argv.begin(), wrapper.begin(), wrapper.end());
   pid_ = spawn(argv, log_path_, false);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (!fs::exists(ready)) {
@@ -199,6 +203,50 @@ bool FerrydProcess::wait_for_log(const std::string& text, std::chrono::milliseco
 
 unsigned FerrydProcess::threads() const { return static_cast<unsigned>(status_field(pid_, "Threads:")); }
 std::uint64_t FerrydProcess::rss_bytes() const { return status_field(pid_, "VmRSS:") * 1024; }
+
+ChildProcess::ChildProcess(const std::vector<std::string>& argv, const std::string& stdin_path) {
+  output_path_ = dir_.path() + "/out";
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, 1, output_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_adddup2(&actions, 1, 2);
+  posix_spawn_file_actions_addopen(&actions, 0, stdin_path.empty() ? "/dev/null" : stdin_path.c_str(), O_RDONLY, 0);
+  std::vector<char*> args;
+  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+  args.push_back(nullptr);
+  const int rc = posix_spawn(&pid_, args[0], &actions, nullptr, args.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) throw std::runtime_error("cannot start " + argv[0] + ": " + std::strerror(rc));
+}
+
+ChildProcess::~ChildProcess() {
+  if (pid_ > 0) {
+    ::kill(pid_, SIGKILL);
+    int status = 0;
+    ::waitpid(pid_, &status, 0);
+  }
+}
+
+void ChildProcess::signal(int sig) {
+  if (pid_ > 0) ::kill(pid_, sig);
+}
+
+int ChildProcess::wait(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (pid_ > 0) {
+    int status = 0;
+    if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+      pid_ = -1;
+      status_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      break;
+    }
+    if (std::chrono::steady_clock::now() > deadline) return -1;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return status_;
+}
+
+std::string ChildProcess::output() const { return read_file(output_path_); }
 
 int run_command(const std::vector<std::string>& argv, std::string* output) {
   TempDir dir;

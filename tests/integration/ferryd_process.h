@@ -38,7 +38,10 @@ class FerrydProcess {
   // their own tls: listener) tls:127.0.0.1:0 with the test certificates,
   // client certificates required. Throws if it is not ready within 10 s
   // (with its log in the message).
-  explicit FerrydProcess(std::vector<std::string> extra_args = {});
+  // Unless `extra_args` name pools (--pool, --config), the `default` pool is
+  // pool_dir(). `wrapper` goes before the ferryd command (e.g. unshare to
+  // give it a mount namespace with a small tmpfs).
+  explicit FerrydProcess(std::vector<std::string> extra_args = {}, std::vector<std::string> wrapper = {});
   ~FerrydProcess();
   FerrydProcess(const FerrydProcess&) = delete;
   FerrydProcess& operator=(const FerrydProcess&) = delete;
@@ -53,6 +56,7 @@ class FerrydProcess {
   std::uint16_t tcp_port() const { return tcp_port_; }
   pid_t pid() const { return pid_; }
   const std::string& dir() const { return dir_.path(); }
+  std::string pool_dir() const { return dir_.path() + "/pool"; }
 
   // SIGTERM, then waits; returns the exit status (-1 on timeout, after
   // which the process is killed).
@@ -86,6 +90,27 @@ rpc::ClientOptions client_options_for(TransportKind kind, rpc::ClientOptions bas
 // Path of a built program (set by CMake).
 std::string ferryd_path();
 std::string ferry_cli_path();
+
+// A command running in the background, stdout+stderr captured (stdin from
+// `stdin_path`, /dev/null by default); killed on destruction.
+class ChildProcess {
+ public:
+  explicit ChildProcess(const std::vector<std::string>& argv, const std::string& stdin_path = {});
+  ~ChildProcess();
+  ChildProcess(const ChildProcess&) = delete;
+  ChildProcess& operator=(const ChildProcess&) = delete;
+  pid_t pid() const { return pid_; }
+  void signal(int sig);
+  // Exit status (128 + signal when killed); -1 if still running at the timeout.
+  int wait(std::chrono::milliseconds timeout = std::chrono::seconds(60));
+  std::string output() const;
+
+ private:
+  TempDir dir_;
+  std::string output_path_;
+  pid_t pid_ = -1;
+  int status_ = -1;
+};
 
 // Runs a command, capturing stdout+stderr; returns the exit status.
 int run_command(const std::vector<std::string>& argv, std::string* output);
