@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
+#include <mutex>
 #include <stdexcept>
 #include <thread>
 #include <vector>
@@ -295,6 +297,162 @@ Measurement raw_send_file_seconds(const CaseOptions& options, uint64_t bytes) {
   server.stop();
   return {elapsed, "s", "raw unix socket sending a dense " + std::to_string(bytes >> 20) +
                             " MiB file (pread 256 KiB, writev), the sparse file's data alone"};
+}
+
+
+// ---------------------------------------------------------------------------
+// vol.*: file -> socket -> file, the copy a person would write by hand with
+// the same 256 KiB buffer as ferry's chunks.
+//
+// Request: u32 name length, the name, u8 op (0: the server receives into the
+// file, 1: it sends the file), u8 sparse, u64 size. Then records
+// [u64 offset][u64 length][bytes] flow (length 0 ends): from the client for
+// op 0, after which the server acknowledges one byte once every record is
+// written; from the server for op 1, every 256 KiB of the file or, sparse,
+// the data extents alone (found with SEEK_DATA / SEEK_HOLE).
+
+namespace {
+
+void send_records(int sock, int file, uint64_t size, bool sparse, std::vector<unsigned char>& buf) {
+  unsigned char head[16];
+  uint64_t pos = 0;
+  while (pos < size) {
+    uint64_t data = pos, end = size;
+    if (sparse) {
+      const off_t d = ::lseek(file, static_cast<off_t>(pos), SEEK_DATA);
+      if (d < 0) break;  // only holes remain
+      data = static_cast<uint64_t>(d);
+      end = std::min<uint64_t>(size, static_cast<uint64_t>(::lseek(file, d, SEEK_HOLE)));
+    }
+    for (uint64_t at = data; at < end;) {
+      const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(buf.size(), end - at));
+      if (::pread(file, buf.data(), n, static_cast<off_t>(at)) != static_cast<ssize_t>(n))
+        throw std::runtime_error("pread failed");
+      put_be64(head, at);
+      put_be64(head + 8, n);
+      iovec iov[2] = {{head, sizeof head}, {buf.data(), n}};
+      writev_all(sock, iov, 2);
+      at += n;
+    }
+    pos = end;
+  }
+  put_be64(head, 0);
+  put_be64(head + 8, 0);
+  write_all(sock, head, sizeof head);
+}
+
+void receive_records(int sock, int file, std::vector<unsigned char>& buf) {
+  unsigned char head[16];
+  for (;;) {
+    if (!read_exact(sock, head, sizeof head)) throw std::runtime_error("peer closed mid-copy");
+    const uint64_t at = get_be64(head);
+    uint64_t left = get_be64(head + 8);
+    if (left == 0) return;
+    for (uint64_t done = 0; left > 0;) {
+      const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(buf.size(), left));
+      read_exact(sock, buf.data(), n);
+      if (::pwrite(file, buf.data(), n, static_cast<off_t>(at + done)) != static_cast<ssize_t>(n))
+        throw std::runtime_error("pwrite failed");
+      done += n;
+      left -= n;
+    }
+  }
+}
+
+void file_connection(const std::string& dir, Fd sock) {
+  unsigned char len[4];
+  if (!read_exact(sock.get(), len, sizeof len)) return;
+  std::string name(get_be32(len), '\0');
+  read_exact(sock.get(), name.data(), name.size());
+  unsigned char rest[10];
+  read_exact(sock.get(), rest, sizeof rest);
+  const bool send = rest[0] == 1, sparse = rest[1] != 0;
+  const uint64_t size = get_be64(rest + 2);
+  const std::string path = dir + "/" + name;
+  std::vector<unsigned char> buf(body_chunk_bytes);
+  if (send) {
+    Fd file(::open(path.c_str(), O_RDONLY));
+    if (!file) throw std::runtime_error("cannot open " + path);
+    send_records(sock.get(), file.get(), size, sparse, buf);
+  } else {
+    Fd file(::open(path.c_str(), O_RDWR | O_CREAT, 0644));
+    if (!file) throw std::runtime_error("cannot open " + path);
+    if (::ftruncate(file.get(), static_cast<off_t>(size)) != 0) throw std::runtime_error("ftruncate failed");
+    receive_records(sock.get(), file.get(), buf);
+    const unsigned char ack = 1;
+    write_all(sock.get(), &ack, 1);
+  }
+}
+
+}  // namespace
+
+int serve_file(const std::string& listen, const std::string& dir) {
+  return serve_forever(listen, [dir](Fd fd) { file_connection(dir, std::move(fd)); });
+}
+
+Measurement raw_file_copy(const CaseOptions& options, const VolumeCopy& copy) {
+  // Both ends' files live in one scratch directory, as ferry's pool and the
+  // CLI's file do.
+  ScratchDir dir;
+  const std::string server_dir = (dir.path() / "server").string();
+  std::filesystem::create_directories(server_dir);
+  for (int i = 0; i < copy.width; ++i) {
+    const std::string name = "f" + std::to_string(i);
+    make_bench_file(copy.upload ? (dir.path() / name).string() : server_dir + "/" + name, copy.size, copy.sparse);
+  }
+  ::sync();  // as the ferry side: no write-back of the set-up during the copy
+  const std::string listen = server_address(options, dir, "file.sock", copy.tcp);
+  ChildProcess server =
+      spawn_server({self_exe(), "serve-file", "--listen", listen, "--dir", server_dir}, options.server_netns);
+  const Address address = Address::parse(server.ready_info());
+
+  auto one = [&](int i) {
+    const std::string name = "f" + std::to_string(i);
+    const std::string local = (dir.path() / (copy.upload ? name : name + ".out")).string();
+    Fd sock = connect_to(address);
+    std::vector<unsigned char> request(4 + name.size() + 10);
+    put_be32(request.data(), static_cast<uint32_t>(name.size()));
+    std::memcpy(request.data() + 4, name.data(), name.size());
+    request[4 + name.size()] = copy.upload ? 0 : 1;
+    request[5 + name.size()] = copy.sparse ? 1 : 0;
+    put_be64(request.data() + 6 + name.size(), copy.size);
+    write_all(sock.get(), request.data(), request.size());
+    std::vector<unsigned char> buf(body_chunk_bytes);
+    if (copy.upload) {
+      Fd file(::open(local.c_str(), O_RDONLY));
+      send_records(sock.get(), file.get(), copy.size, copy.sparse, buf);
+      unsigned char ack = 0;
+      if (!read_exact(sock.get(), &ack, 1)) throw std::runtime_error("server closed before acknowledging");
+    } else {
+      Fd file(::open(local.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644));
+      if (::ftruncate(file.get(), static_cast<off_t>(copy.size)) != 0) throw std::runtime_error("ftruncate failed");
+      receive_records(sock.get(), file.get(), buf);
+    }
+  };
+  const auto start = Clock::now();
+  std::vector<std::thread> threads;
+  std::exception_ptr failure;
+  std::mutex failure_mutex;
+  for (int i = 0; i < copy.width; ++i)
+    threads.emplace_back([&, i] {
+      try {
+        one(i);
+      } catch (...) {
+        std::lock_guard lock(failure_mutex);
+        if (!failure) failure = std::current_exception();
+      }
+    });
+  for (auto& t : threads) t.join();
+  const double elapsed = seconds_since(start);
+  server.stop();
+  if (failure) std::rethrow_exception(failure);
+  const std::string what = std::string(copy.tcp ? "raw tcp" : "raw unix") + ", " +
+                           (copy.width > 1 ? std::to_string(copy.width) + " connections x " : "") +
+                           std::to_string(copy.size >> 20) + " MiB file " + (copy.upload ? "to" : "from") +
+                           " a file server (pread/pwrite 256 KiB" + (copy.sparse ? ", data extents only" : "") +
+                           ", no fdatasync)";
+  if (copy.seconds) return {elapsed, "s", what};
+  return {static_cast<double>(copy.size) * copy.width / 1e6 / elapsed, "MB/s", what};
 }
 
 }  // namespace ferry::bench

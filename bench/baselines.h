@@ -35,11 +35,17 @@ Measurement raw_tls_send(const CaseOptions& options, uint64_t payload_total);
 Measurement raw_tls_download(const CaseOptions& options, uint64_t payload_total);
 Measurement raw_tls_handshake(const CaseOptions& options);
 
+// vol.* rows: the same files copied through a raw socket by a file server
+// (see baseline_raw.cc for the record format).
+Measurement raw_file_copy(const CaseOptions& options, const VolumeCopy& copy);
+
 // Server modes; each listens on `listen`, calls signal_ready() with the
 // address a client should use, and serves until killed.
 int serve_raw_echo(const std::string& listen);
 int serve_raw_sink(const std::string& listen);
 int serve_raw_source(const std::string& listen);
+// Serves raw_file_copy requests for files in `dir`.
+int serve_file(const std::string& listen, const std::string& dir);
 // `listen` is "unix:PATH", "HOST:PORT" or "tcp:HOST:PORT"; port 0 picks one.
 int serve_grpc(const std::string& listen);
 // TLS sink (source = false) or source, with this certificate and key.

@@ -33,35 +33,6 @@ namespace {
 using TestSvc = ferry::test::v1::Test;
 using ferry::rpc::Client;
 
-// A ferryd child process serving the test program at `address`.
-struct Ferryd {
-  Ferryd(const CaseOptions& options, const std::string& address, ScratchDir& dir,
-         std::vector<std::string> extra = {}) {
-    if (options.ferryd.empty() || !std::filesystem::exists(options.ferryd))
-      throw std::runtime_error("ferryd not found at '" + options.ferryd + "' (pass --ferryd)");
-    ready_file = (dir.path() / "ready").string();
-    std::vector<std::string> argv = {options.ferryd, "--test-service", "--auth-tcp", "none", "--listen", address, "--ready-file",
-                                     ready_file, "--log-level", "warn", "--max-calls-per-client", "100000"};
-    argv.insert(argv.end(), extra.begin(), extra.end());
-    child = spawn_server(argv, options.server_netns, std::chrono::seconds(20), false);
-    auto deadline = Clock::now() + std::chrono::seconds(20);
-    while (!std::filesystem::exists(ready_file)) {
-      if (Clock::now() > deadline) throw std::runtime_error("ferryd did not become ready");
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-    std::ifstream in(ready_file);
-    std::getline(in, bound);
-  }
-  std::string uri() const {
-    if (bound.rfind("unix:", 0) == 0) return "ferry+unix://" + bound.substr(5);
-    if (bound.rfind("tls:", 0) == 0) return "ferry+tls://" + bound.substr(4);
-    return "ferry+tcp://" + bound.substr(4);
-  }
-  std::string ready_file;
-  std::string bound;
-  ChildProcess child;
-};
-
 std::string listen_address(const CaseOptions& options, ScratchDir& dir, bool tcp) {
   if (!options.addr.empty()) return options.addr;
   return tcp ? "tcp:127.0.0.1:0" : dir.unix_address("ferryd.sock");

@@ -9,8 +9,15 @@
 // of the row only; bench/run reports its message and goes on.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <string>
+#include <thread>
+#include <vector>
+
+#include "bench/harness.h"
 
 namespace ferry::bench {
 
@@ -53,6 +60,36 @@ struct Measurement {
   std::string note;
 };
 
+// A ferryd child process serving the test program (and the volume service)
+// at `address`; `extra` options go after the defaults.
+struct Ferryd {
+  inline Ferryd(const CaseOptions& options, const std::string& address, ScratchDir& dir,
+         std::vector<std::string> extra = {}) {
+    if (options.ferryd.empty() || !std::filesystem::exists(options.ferryd))
+      throw std::runtime_error("ferryd not found at '" + options.ferryd + "' (pass --ferryd)");
+    ready_file = (dir.path() / "ready").string();
+    std::vector<std::string> argv = {options.ferryd, "--test-service", "--auth-tcp", "none", "--listen", address, "--ready-file",
+                                     ready_file, "--log-level", "warn", "--max-calls-per-client", "100000"};
+    argv.insert(argv.end(), extra.begin(), extra.end());
+    child = spawn_server(argv, options.server_netns, std::chrono::seconds(20), false);
+    auto deadline = Clock::now() + std::chrono::seconds(20);
+    while (!std::filesystem::exists(ready_file)) {
+      if (Clock::now() > deadline) throw std::runtime_error("ferryd did not become ready");
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    std::ifstream in(ready_file);
+    std::getline(in, bound);
+  }
+  std::string uri() const {
+    if (bound.rfind("unix:", 0) == 0) return "ferry+unix://" + bound.substr(5);
+    if (bound.rfind("tls:", 0) == 0) return "ferry+tls://" + bound.substr(4);
+    return "ferry+tcp://" + bound.substr(4);
+  }
+  std::string ready_file;
+  std::string bound;
+  ChildProcess child;
+};
+
 // rpc.echo.seq: sequential 64-byte echo calls on one unix connection.
 Measurement ferry_echo_seq(const CaseOptions&);
 // rpc.echo.inflight128: echo calls/s with `inflight` calls outstanding on one
@@ -78,6 +115,19 @@ Measurement ferry_tls_handshake(const CaseOptions&);
 Measurement ferry_call_p99(const CaseOptions&, bool loaded);
 // stream.sparse10g: seconds to upload a 10 GiB file holding 10 MiB of data.
 Measurement ferry_sparse_upload(const CaseOptions&);
+
+// vol.*: the real `ferry` CLI (found beside ferryd: build/client/ferry)
+// moving files into and out of volumes of a real ferryd; see FileCopy in
+// bench/baselines.h for the matching baseline.
+struct VolumeCopy {
+  bool upload = true;
+  bool tcp = false;
+  bool sparse = false;
+  std::uint64_t size = 0;
+  int width = 1;
+  bool seconds = false;
+};
+Measurement ferry_volume_copy(const CaseOptions&, const VolumeCopy&);
 // Its baseline (baselines.h): seconds to send a dense file of the 10 MiB alone.
 
 }  // namespace ferry::bench

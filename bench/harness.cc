@@ -9,6 +9,7 @@
 #include <sched.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/stat.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -450,6 +451,42 @@ void enter_netns(const std::string& name) {
   Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd) throw_errno("open " + path);
   if (::setns(fd.get(), CLONE_NEWNET) != 0) throw_errno("setns " + path);
+}
+
+}  // namespace ferry::bench
+
+namespace ferry::bench {
+
+void make_bench_file(const std::string& path, uint64_t size, bool sparse) {
+  Fd file(::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC, 0644));
+  if (!file) throw_errno("create " + path);
+  if (::ftruncate(file.get(), static_cast<off_t>(size)) != 0) throw_errno("size " + path);
+  std::vector<unsigned char> body(uint64_t{1} << 20);
+  for (std::size_t i = 0; i < body.size(); ++i) body[i] = static_cast<unsigned char>(i * 131 + 7);
+  auto put = [&](uint64_t at, uint64_t length) {
+    for (uint64_t done = 0; done < length;) {
+      const std::size_t n = static_cast<std::size_t>(std::min<uint64_t>(body.size(), length - done));
+      body[0] = static_cast<unsigned char>((at + done) >> 20);  // no two MiB alike
+      if (::pwrite(file.get(), body.data(), n, static_cast<off_t>(at + done)) != static_cast<ssize_t>(n))
+        throw_errno("write " + path);
+      done += n;
+    }
+  };
+  if (!sparse) {
+    put(0, size);
+  } else {
+    const uint64_t extent = uint64_t{1} << 20;
+    const uint64_t count = std::max<uint64_t>(1, size / 100 / extent);
+    const uint64_t stride = size / count;
+    for (uint64_t i = 0; i < count; ++i) put((i * stride + stride / 2) / extent * extent, extent);
+  }
+  if (::fsync(file.get()) != 0) throw_errno("fsync " + path);
+}
+
+uint64_t allocated_bytes(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) throw_errno("stat " + path);
+  return static_cast<uint64_t>(st.st_blocks) * 512;
 }
 
 }  // namespace ferry::bench

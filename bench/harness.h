@@ -180,3 +180,18 @@ inline constexpr std::size_t frame_overhead_bytes = 4 + 24;
 inline constexpr std::size_t echo_payload_bytes = 64;
 
 }  // namespace ferry::bench
+
+namespace ferry::bench {
+
+// Files for the vol.* rows, made before the clock starts and synced so that
+// write-back does not run during the measurement. Dense: `size` bytes of a
+// non-zero pattern. Sparse: `size` bytes of which 1% is data, in 1 MiB
+// extents spread evenly, the rest holes.
+void make_bench_file(const std::string& path, uint64_t size, bool sparse);
+// Bytes the file occupies on disk (st_blocks * 512).
+uint64_t allocated_bytes(const std::string& path);
+// Bytes one vol.* row moves: 4 GiB dense (1 GiB with --quick).
+inline uint64_t volume_total_bytes(bool quick) { return quick ? (uint64_t{1} << 30) : (uint64_t{4} << 30); }
+inline constexpr uint64_t sparse_volume_bytes = uint64_t{10} << 30;
+
+}  // namespace ferry::bench

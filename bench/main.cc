@@ -4,6 +4,7 @@
 //               [--addr ADDR] [--server-netns NS] [--client-netns NS] [--serve-only]
 //   ferry_bench serve-raw-echo --listen unix:PATH|tcp:HOST:PORT
 //   ferry_bench serve-raw-sink --listen unix:PATH|tcp:HOST:PORT
+//   ferry_bench serve-file     --listen unix:PATH|tcp:HOST:PORT --dir DIR
 //   ferry_bench serve-grpc     --listen unix:PATH|HOST:PORT
 //   ferry_bench rows
 //
@@ -39,6 +40,29 @@ struct Row {
   std::function<Measurement(const CaseOptions&)> ferry;
   std::function<Measurement(const CaseOptions&)> baseline;
 };
+
+VolumeCopy vol_dense(const CaseOptions& o, bool upload, bool tcp) {
+  VolumeCopy c;
+  c.upload = upload;
+  c.tcp = tcp;
+  c.size = volume_total_bytes(o.quick);
+  return c;
+}
+VolumeCopy vol_sparse(bool upload) {
+  VolumeCopy c;
+  c.upload = upload;
+  c.sparse = true;
+  c.size = sparse_volume_bytes;
+  c.seconds = true;
+  return c;
+}
+// Eight at once, 512 MiB each (128 MiB with --quick).
+VolumeCopy vol_eight(const CaseOptions& o) {
+  VolumeCopy c;
+  c.size = volume_total_bytes(o.quick) / 8;
+  c.width = 8;
+  return c;
+}
 
 // Row names are stable: issues and stored results refer to them.
 const std::vector<Row>& rows() {
@@ -77,6 +101,20 @@ const std::vector<Row>& rows() {
        [](const CaseOptions& o) { return ferry_stream_upload(o, Wire::sasl_layer, 1, sasl_total_bytes(o.quick)); },
        [](const CaseOptions& o) { return ferry_stream_upload(o, Wire::tls, 1, sasl_total_bytes(o.quick)); }},
       {"tls.handshake", ferry_tls_handshake, raw_tls_handshake},
+      {"vol.upload.unix", [](const CaseOptions& o) { return ferry_volume_copy(o, vol_dense(o, true, false)); },
+       [](const CaseOptions& o) { return raw_file_copy(o, vol_dense(o, true, false)); }},
+      {"vol.download.unix", [](const CaseOptions& o) { return ferry_volume_copy(o, vol_dense(o, false, false)); },
+       [](const CaseOptions& o) { return raw_file_copy(o, vol_dense(o, false, false)); }},
+      {"vol.upload.tcp", [](const CaseOptions& o) { return ferry_volume_copy(o, vol_dense(o, true, true)); },
+       [](const CaseOptions& o) { return raw_file_copy(o, vol_dense(o, true, true)); }},
+      {"vol.download.tcp", [](const CaseOptions& o) { return ferry_volume_copy(o, vol_dense(o, false, true)); },
+       [](const CaseOptions& o) { return raw_file_copy(o, vol_dense(o, false, true)); }},
+      {"vol.upload.sparse10g", [](const CaseOptions& o) { return ferry_volume_copy(o, vol_sparse(true)); },
+       [](const CaseOptions& o) { return raw_file_copy(o, vol_sparse(true)); }},
+      {"vol.download.sparse10g", [](const CaseOptions& o) { return ferry_volume_copy(o, vol_sparse(false)); },
+       [](const CaseOptions& o) { return raw_file_copy(o, vol_sparse(false)); }},
+      {"vol.upload8", [](const CaseOptions& o) { return ferry_volume_copy(o, vol_eight(o)); },
+       [](const CaseOptions& o) { return raw_file_copy(o, vol_eight(o)); }},
   };
   return table;
 }
@@ -196,6 +234,14 @@ int run(int argc, char** argv) {
   if (command == "serve-raw-echo") return serve(argc, argv, serve_raw_echo);
   if (command == "serve-raw-sink") return serve(argc, argv, serve_raw_sink);
   if (command == "serve-raw-source") return serve(argc, argv, serve_raw_source);
+  if (command == "serve-file") {
+    std::vector<std::string> positional;
+    std::map<std::string, std::string> flags;
+    if (!parse_flags(argc, argv, 2, positional, flags, {}, {"listen", "dir"}) || flags["listen"].empty() ||
+        flags["dir"].empty())
+      return usage("serve-file takes --listen ADDR --dir DIR");
+    return serve_file(flags["listen"], flags["dir"]);
+  }
   if (command == "serve-grpc") return serve(argc, argv, serve_grpc);
   if (command == "serve-tls-sink" || command == "serve-tls-source") {
     std::vector<std::string> positional;
