@@ -59,9 +59,8 @@ class FileIo {
   asio::awaitable<void> datasync(int fd);
 
   // Runs blocking `fn` on the pool; its result or exception comes back.
-  // Not a coroutine itself: `fn` lives in co_spawn's frame, never as a
-  // by-value coroutine parameter (which GCC 12 mishandles for types with
-  // non-trivial destructors).
+  // Not a coroutine itself: `fn` goes straight to co_spawn, never through
+  // a by-value coroutine parameter (docs/architecture.md, "Volume I/O").
   template <class F>
   auto run(F fn) {
     using R = std::invoke_result_t<F>;
