@@ -101,10 +101,18 @@ FileIo::FileIo(Options options) : engine_(Engine::threads), pool_(std::max(1u, o
     description_ = "thread pool of " + pool_text + " (io_uring unavailable: " + std::strerror(-rc) + ")";
     return;
   }
+  // Writes that cannot complete at once (buffered writes on ext4, for one)
+  // run on the kernel's io-wq workers, which count as threads of ferryd.
+  // Cap them like the pool, so the thread count stays fixed whatever the load.
+  // File I/O is "bounded" work; "unbounded" (sockets, pipes) never comes here.
+  unsigned workers[2] = {std::max(1u, options.threads), 1};
+  const int capped = io_uring_register_iowq_max_workers(&ring->ring, workers);
   ring_ = std::move(ring);
   engine_ = Engine::io_uring;
-  description_ = "io_uring (" + std::to_string(std::max(8u, options.queue_depth)) + " entries), " + pool_text +
-                 " for metadata";
+  description_ = "io_uring (" + std::to_string(std::max(8u, options.queue_depth)) + " entries" +
+                 (capped == 0 ? ", at most " + std::to_string(std::max(1u, options.threads) + 1) + " kernel workers"
+                              : std::string(", kernel workers uncapped: ") + std::strerror(-capped)) +
+                 "), " + pool_text + " for metadata";
   ring_->reaper = std::thread([this] { reap(); });
 }
 

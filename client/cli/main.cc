@@ -279,6 +279,7 @@ int main(int argc, char** argv) {
   CLI::App app{"ferry: move virtual-machine volumes to and from a ferryd.\n"
                "Volumes are named POOL/NAME (or NAME, in pool 'default'). Exit codes: docs/cli.md."};
   app.require_subcommand(1);
+  app.fallthrough();  // global options may also come after the verb
   app.option_defaults()->always_capture_default();
   std::string uri = "ferry+unix://" + std::filesystem::absolute(ferry::daemon::default_socket_path()).lexically_normal().string();
   if (const char* env = std::getenv("FERRY_URI"); env && *env) uri = env;

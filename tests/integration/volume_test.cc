@@ -590,7 +590,10 @@ TEST_P(VolumeLargeTest, EightUploadsKeepThreadsAndMemoryBounded) {
     EXPECT_EQ(uploads[i]->wait(), 0) << uploads[i]->output();
     EXPECT_EQ(file_hash(d.pool_dir() + "/v" + std::to_string(i)), file_hash(file("in" + std::to_string(i))));
   }
-  EXPECT_EQ(max_threads, threads_idle) << "ferryd started threads for transfers";
+  // io_uring's kernel workers count as ferryd's threads (started on demand,
+  // capped by ferryd at file_io_threads (4) + 1). A thread per transfer
+  // would add eight, a thread per write in flight sixty-four.
+  EXPECT_LE(max_threads, threads_idle + 5) << "ferryd's threads grew with the transfers";
   // Eight 4 MiB windows and 8 x 256 KiB writes in flight each, plus the
   // daemon itself: far below the 2 GiB that moved.
 #if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
