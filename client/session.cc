@@ -213,7 +213,11 @@ rpc::Client& Session::rpc() { return client_; }
 
 void Session::close() {
   if (client_.is_open()) client_.close();
-  if (io_) io_->stop();
+  // Let the closed connection's coroutines unwind and its calls complete
+  // (their completions still reach client_) before the thread stops; only
+  // then drop the client.
+  if (io_) io_->finish(std::chrono::seconds(2));
+  client_ = rpc::Client{};
 }
 
 void Session::abort_transfers(const std::string& reason) {

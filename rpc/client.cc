@@ -484,7 +484,9 @@ ConnectionStats Client::stats() const { return core_->connection_->stats(); }
 std::size_t Client::calls_in_flight() const { return core_->in_flight(); }
 asio::any_io_executor Client::executor() const { return core_->executor_; }
 std::shared_ptr<Connection> Client::connection() const { return core_->connection_; }
-void Client::detach_stream(Serial serial) { core_->detach(serial); }
+void Client::detach_stream(Serial serial) {
+  if (core_) core_->detach(serial);
+}
 StreamLimits Client::stream_limits() const {
   StreamLimits l;
   if (core_->server_.window) l.window = core_->server_.window;

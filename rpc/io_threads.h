@@ -6,6 +6,7 @@
 
 #include <asio/executor_work_guard.hpp>
 #include <asio/io_context.hpp>
+#include <chrono>
 #include <thread>
 #include <vector>
 
@@ -26,6 +27,18 @@ class IoThreads {
 
   asio::io_context& context() { return context_; }
   asio::io_context::executor_type executor() { return context_.get_executor(); }
+
+  // Lets the threads finish what is queued (a closed connection's
+  // coroutines unwinding, its last frames written) for up to `grace`, then
+  // stops and joins them. Use it after closing clients, so nothing they
+  // own is left behind in unrun handlers.
+  void finish(std::chrono::milliseconds grace) {
+    work_.reset();
+    const auto deadline = std::chrono::steady_clock::now() + grace;
+    while (!context_.stopped() && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    stop();
+  }
 
   // Stops the io_context (pending handlers are not run) and joins the
   // threads. Safe to repeat.

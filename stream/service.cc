@@ -26,7 +26,11 @@ void ReplySlot::complete(rpc::detail::RawResult result) {
   if (waiter) waiter();
 }
 
-asio::awaitable<void> wait_reply(std::shared_ptr<ReplyShared> shared) {
+asio::awaitable<void> wait_reply(const std::shared_ptr<ReplyShared>& owner) {
+  // The initiation is a temporary inside a co_await expression, which GCC
+  // 12 may destroy twice: it captures only a raw pointer (the caller keeps
+  // `owner` alive), so a second destruction releases nothing.
+  ReplyShared* shared = owner.get();
   co_await asio::async_initiate<decltype(asio::use_awaitable), void()>(
       [shared](auto handler) {
         auto h = std::make_shared<decltype(handler)>(std::move(handler));

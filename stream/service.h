@@ -55,7 +55,11 @@ struct ReplyShared {
   std::weak_ptr<rpc::Connection> connection;
 };
 
-asio::awaitable<void> wait_reply(std::shared_ptr<ReplyShared> shared);
+// `shared` must outlive the wait (callers hold it in their own frame).
+// GCC 12 may destroy a temporary twice when it is an argument of a call
+// inside a co_await expression (a by-value coroutine parameter, or an
+// initiation lambda): nothing here passes one that owns anything.
+asio::awaitable<void> wait_reply(const std::shared_ptr<ReplyShared>& shared);
 void wait_reply_sync(const std::shared_ptr<ReplyShared>& shared);
 
 template <class Reply>
@@ -77,9 +81,14 @@ class ClientStream {
   std::shared_ptr<Stream> stream;
 
   // The opening call's REPLY (after the stream ended). Throws its error.
-  // The coroutine keeps its own reference to the answer, so it does not
-  // depend on this object outliving the co_await.
-  asio::awaitable<Reply> reply() { return reply_of(shared_); }
+  // The coroutine takes its own reference to the answer when it starts, so
+  // this object must be alive at the co_await (as in `co_await s.reply()`)
+  // but not after it.
+  asio::awaitable<Reply> reply() {
+    std::shared_ptr<detail::ReplyShared> shared = shared_;
+    co_await detail::wait_reply(shared);
+    co_return detail::take_reply<Reply>(*shared);
+  }
   Reply reply_sync() {
     detail::wait_reply_sync(shared_);
     return detail::take_reply<Reply>(*shared_);
@@ -88,10 +97,6 @@ class ClientStream {
   explicit ClientStream(std::shared_ptr<detail::ReplyShared> shared) : shared_(std::move(shared)) {}
 
  private:
-  static asio::awaitable<Reply> reply_of(std::shared_ptr<detail::ReplyShared> shared) {
-    co_await detail::wait_reply(shared);
-    co_return detail::take_reply<Reply>(*shared);
-  }
   std::shared_ptr<detail::ReplyShared> shared_;
 };
 

@@ -58,6 +58,11 @@ idle_timeout_ms = 600000
 interval_ms = 2000
 count = 5
 
+[volumes]
+file_io = "threads"
+file_io_threads = 2
+io_depth = 16
+
 [[pool]]
 name = "images"
 path = "/srv/images"
@@ -98,6 +103,9 @@ TEST(DaemonConfig, ReadsEverySection) {
   EXPECT_EQ(s.idle_timeout, std::chrono::milliseconds(600000));
   EXPECT_EQ(s.keepalive_interval, std::chrono::milliseconds(2000));
   EXPECT_EQ(s.keepalive_count, 5u);
+  EXPECT_EQ(c.volumes.file_io, "threads");
+  EXPECT_EQ(c.volumes.file_io_threads, 2u);
+  EXPECT_EQ(c.volumes.io_depth, 16u);
   ASSERT_EQ(c.pools.size(), 2u);
   EXPECT_EQ(c.pools[1].name, "golden");
   EXPECT_TRUE(c.pools[1].read_only);
@@ -135,6 +143,8 @@ TEST(DaemonConfig, MistakesNameTheKeyAndTheLine) {
   EXPECT_THAT(error("[[pool]]\nname = \"../x\"\npath = \"/p\"\n"), HasSubstr("may not contain '/'"));
   EXPECT_THAT(error("[[pool]]\nname = \"a\"\npath = \"/p\"\n[[pool]]\nname = \"a\"\npath = \"/q\"\n"),
               HasSubstr("pool \"a\" is defined twice"));
+  EXPECT_THAT(error("[volumes]\nfile_io = \"aio\"\n"), HasSubstr("volumes.file_io must be"));
+  EXPECT_THAT(error("[volumes]\nio_depth = 0\n"), HasSubstr("volumes.io_depth = 0 is out of range"));
   EXPECT_THAT(error("[limits\n"), HasSubstr("f.toml:1:"));
 }
 
