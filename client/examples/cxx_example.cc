@@ -90,7 +90,10 @@ int main(int argc, char** argv) {
     std::printf("read back %zu bytes, %zu wrong\n", offset, wrong);
     session.vol_delete("default", "cxx-blocking");
     session.vol_delete("default", "cxx-coroutine");
+    // Close, then let the io thread finish the connection's last handlers
+    // before it stops, so nothing the connection owns is left unreleased.
     client.close();
+    io.finish(std::chrono::seconds(2));
     return offset == size && wrong == 0 ? 0 : 1;
   } catch (const ferry::Error& e) {
     std::fprintf(stderr, "cxx_example: %s\n", e.describe().c_str());
