@@ -66,6 +66,10 @@ class Buffer {
   std::size_t capacity() const noexcept { return capacity_; }
   bool empty() const noexcept { return size_ == 0; }
   std::span<const std::uint8_t> span() const noexcept { return {data_, size_}; }
+  // Keeps only the first `size` bytes (a read that filled part of it).
+  void shrink(std::size_t size) noexcept {
+    if (size < size_) size_ = size;
+  }
   std::string_view view() const noexcept { return {reinterpret_cast<const char*>(data_), size_}; }
 
  private:
