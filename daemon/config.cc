@@ -215,6 +215,31 @@ DaemonConfig parse_config(const std::string& text, const std::string& source) {
   volumes.integer("io_depth", c.volumes.io_depth, 1, 256);
   volumes.check_all_used();
 
+  const auto& nbd_table = table_or_empty(top, "nbd", source);
+  Section nbd(nbd_table, "nbd", source);
+  nbd.strings("listen", c.nbd.listen);
+  nbd.integer("max_in_flight", c.nbd.max_in_flight, 1, 1 << 20);
+  nbd.integer("buffer_bytes", c.nbd.buffer_bytes, 1 << 20, std::int64_t{1} << 40);
+  nbd.integer("max_request", c.nbd.max_request, 4096, 32 << 20);
+  if (const toml::node* exports = nbd.get("export")) {
+    auto* arr = exports->as_array();
+    if (!arr) throw bad(source, exports->source(), "NBD exports are written [[nbd.export]] with name and backend");
+    c.nbd.exports.clear();
+    std::set<std::string> names;
+    for (auto& e : *arr) {
+      if (!e.is_table()) throw bad(source, e.source(), "each [[nbd.export]] is a table with name and backend");
+      Section ex(*e.as_table(), "nbd.export", source);
+      NbdExportConfig ec;
+      ex.string("name", ec.name);
+      ex.string("backend", ec.backend);
+      ex.check_all_used();
+      if (ec.name.empty() || ec.backend.empty()) throw bad(source, e.source(), "an [[nbd.export]] needs a name and a backend");
+      if (!names.insert(ec.name).second) throw bad(source, e.source(), "NBD export \"" + ec.name + "\" is defined twice");
+      c.nbd.exports.push_back(ec);
+    }
+  }
+  nbd.check_all_used();
+
   if (const toml::node* pools = top.get("pool")) {
     auto* arr = pools->as_array();
     if (!arr) throw bad(source, pools->source(), "pools are written [[pool]] with name and path");
@@ -291,6 +316,14 @@ std::string to_toml(const DaemonConfig& c) {
   root.insert("volumes", toml::table{{"file_io", c.volumes.file_io},
                                      {"file_io_threads", static_cast<std::int64_t>(c.volumes.file_io_threads)},
                                      {"io_depth", static_cast<std::int64_t>(c.volumes.io_depth)}});
+  toml::array nbd_exports;
+  for (const auto& e : c.nbd.exports) nbd_exports.push_back(toml::table{{"name", e.name}, {"backend", e.backend}});
+  toml::table nbd{{"listen", list(c.nbd.listen)},
+                  {"max_in_flight", static_cast<std::int64_t>(c.nbd.max_in_flight)},
+                  {"buffer_bytes", static_cast<std::int64_t>(c.nbd.buffer_bytes)},
+                  {"max_request", static_cast<std::int64_t>(c.nbd.max_request)}};
+  if (!nbd_exports.empty()) nbd.insert("export", nbd_exports);
+  root.insert("nbd", nbd);
   toml::array pools;
   for (const auto& p : c.pools) pools.push_back(toml::table{{"name", p.name}, {"path", p.path}, {"read_only", p.read_only}});
   root.insert("pool", pools);

@@ -4,6 +4,7 @@
 // line, so a typo never silently falls back to a default.
 #pragma once
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -24,11 +25,27 @@ struct VolumeOptions {
   unsigned io_depth = 8;             // file operations in flight per stream
 };
 
+// [nbd] and [[nbd.export]]: NBD service (docs/nbd.md).
+struct NbdExportConfig {
+  std::string name;
+  // KIND:ARG[,delay=DURATION][,ro] with KIND one of memory:SIZE, null:SIZE,
+  // nbd:URI (a remote NBD server), volume:POOL/NAME.
+  std::string backend;
+};
+struct NbdConfig {
+  std::vector<std::string> listen;          // plain NBD listeners: unix:/path, tcp:host:port
+  unsigned max_in_flight = 4096;            // NBD requests per connection
+  std::uint64_t buffer_bytes = 256u << 20;  // payload bytes held at once, all NBD connections together
+  std::uint32_t max_request = 32u << 20;    // largest READ/WRITE
+  std::vector<NbdExportConfig> exports;
+};
+
 struct DaemonConfig {
   rpc::ServerOptions server;
   std::vector<std::string> listen;  // addresses; empty: the default unix socket
   std::vector<PoolConfig> pools;    // the `default` pool when none is given
   VolumeOptions volumes;
+  NbdConfig nbd;
   std::string log_level = "info";
   unsigned shutdown_grace_ms = 5000;
   bool test_service = false;

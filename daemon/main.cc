@@ -13,17 +13,22 @@
 
 #include "daemon/config.h"
 #include "daemon/default_paths.h"
+#include "daemon/nbd_service.h"
 #include "daemon/test_service.h"
 #include "daemon/volumes.h"
 #include "rpc/server.h"
 
 namespace {
 
-void write_ready_file(const std::string& path, const std::vector<ferry::rpc::Endpoint>& endpoints) {
+// One address per line: the ferry listeners first, then plain NBD ones
+// prefixed "nbd-" (nbd-unix:/path, nbd-tcp:host:port).
+void write_ready_file(const std::string& path, const std::vector<ferry::rpc::Endpoint>& endpoints,
+                      std::size_t ferry_count) {
   const std::string tmp = path + ".tmp";
   {
     std::ofstream out(tmp);
-    for (const auto& e : endpoints) out << e.to_string() << '\n';
+    for (std::size_t i = 0; i < endpoints.size(); ++i)
+      out << (i < ferry_count ? "" : "nbd-") << endpoints[i].to_string() << '\n';
   }
   std::filesystem::rename(tmp, path);
 }
@@ -169,6 +174,18 @@ int main(int argc, char** argv) {
   app.add_option("--file-io", config.volumes.file_io, "volume file I/O: io_uring or threads")
       ->capture_default_str()
       ->check(CLI::IsMember({"io_uring", "threads"}));
+  std::vector<std::string> nbd_listen, nbd_exports;
+  app.add_option("--nbd-listen", nbd_listen,
+                 "plain NBD listener, repeatable, replacing the configuration's: unix:/path or tcp:host:port "
+                 "(no authentication: keep it local)");
+  app.add_option("--nbd-export", nbd_exports,
+                 "NAME=BACKEND NBD export, repeatable, added to the configuration's: memory:SIZE, null:SIZE, nbd:URI "
+                 "or volume:POOL/NAME, then optionally ,delay=64ms and ,ro");
+  app.add_option("--nbd-buffer-bytes", config.nbd.buffer_bytes,
+                 "payload bytes all NBD connections may hold at once")
+      ->capture_default_str();
+  app.add_option("--nbd-max-in-flight", config.nbd.max_in_flight, "NBD requests in flight per connection")
+      ->capture_default_str();
   app.add_option("--shutdown-grace", shutdown_grace_ms, "ms calls in flight get to finish on SIGTERM")
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")->capture_default_str();
@@ -204,6 +221,17 @@ int main(int argc, char** argv) {
       config.pools.push_back(pool);
     }
   }
+  if (!nbd_listen.empty()) config.nbd.listen = nbd_listen;
+  for (const auto& flag : nbd_exports) {
+    const auto eq = flag.find('=');
+    if (eq == std::string::npos || eq == 0 || eq + 1 == flag.size()) {
+      std::fprintf(stderr, "ferryd: --nbd-export '%s': expected NAME=BACKEND, e.g. slow=null:16G,delay=64ms\n",
+                   flag.c_str());
+      return 2;
+    }
+    std::erase_if(config.nbd.exports, [&](const auto& e) { return e.name == flag.substr(0, eq); });
+    config.nbd.exports.push_back({flag.substr(0, eq), flag.substr(eq + 1)});
+  }
   if (print_config) {
     std::fputs(ferry::daemon::to_toml(config).c_str(), stdout);
     return 0;
@@ -234,15 +262,23 @@ int main(int argc, char** argv) {
   try {
     // Outlives the server, whose handlers use it.
     ferry::daemon::VolumeService volumes(config.pools, config.volumes);
+    ferry::daemon::NbdService nbd(volumes, config.nbd);
     ferry::rpc::Server server(options);
     server.add_program(volumes.program());
+    server.add_program(nbd.program());
     if (test_service) server.add_program(ferry::daemon::make_test_program(server));
     spdlog::info("configuration: {}", config.source);
     spdlog::info("volumes: {}", volumes.describe());
     std::vector<ferry::rpc::Endpoint> bound;
     for (const auto& l : config.listen) bound.push_back(server.listen(ferry::rpc::Endpoint::parse(l)));
+    std::vector<ferry::rpc::Endpoint> nbd_bound;
+    for (const auto& l : config.nbd.listen) nbd_bound.push_back(nbd.listen(server, ferry::rpc::Endpoint::parse(l)));
     server.start();
-    if (!ready_file.empty()) write_ready_file(ready_file, bound);
+    nbd.open_exports(server);
+    spdlog::info("NBD: {}", nbd.describe());
+    // The ready file lists the ferry listeners, then the plain NBD ones.
+    for (auto& e : nbd_bound) bound.push_back(e);
+    if (!ready_file.empty()) write_ready_file(ready_file, bound, config.listen.size());
     spdlog::info("ferryd ready ({} io threads{})", options.io_threads ? options.io_threads : std::thread::hardware_concurrency(),
                  test_service ? ", test program enabled" : "");
     int sig = 0;
@@ -257,6 +293,7 @@ int main(int argc, char** argv) {
       }
     }
     spdlog::info("received {}, shutting down (grace {} ms)", sig == SIGTERM ? "SIGTERM" : "SIGINT", shutdown_grace_ms);
+    nbd.shutdown(std::chrono::milliseconds(shutdown_grace_ms));
     server.shutdown(std::chrono::milliseconds(shutdown_grace_ms));
     spdlog::info("ferryd stopped");
     return 0;

@@ -185,6 +185,7 @@ class VolumeService::Registry : public std::enable_shared_from_this<Registry> {
   struct Entry {
     bool writing = false;
     std::string writer;  // who, for the refusal message
+    unsigned nbd_writers = 0;  // writable NBD connections (they share the volume)
     std::vector<std::weak_ptr<stream::Stream>> readers;
   };
 
@@ -196,6 +197,11 @@ class VolumeService::Registry : public std::enable_shared_from_this<Registry> {
       throw Error(Code::failed_precondition,
                   "volume " + key + " is in use by " + e.writer + "; wait for it to finish or cancel it",
                   "volume", true);
+    if (e.nbd_writers)
+      throw Error(Code::failed_precondition,
+                  "volume " + key + " is open for writing by " + std::to_string(e.nbd_writers) +
+                      " NBD connection(s); wait for them to disconnect",
+                  "volume", true);
     e.writing = true;
     e.writer = writer;
     auto self = shared_from_this();
@@ -204,6 +210,26 @@ class VolumeService::Registry : public std::enable_shared_from_this<Registry> {
       auto it = self->entries_.find(key);
       if (it == self->entries_.end()) return;
       it->second.writing = false;
+      self->tidy(it);
+    });
+  }
+
+  // Writable NBD connections share a volume with each other (multi-conn)
+  // but exclude uploads, resizes and deletes, as those exclude them.
+  std::shared_ptr<void> lock_nbd_writer(const std::string& key) {
+    std::lock_guard lock(mutex_);
+    Entry& e = entries_[key];
+    if (e.writing)
+      throw Error(Code::failed_precondition,
+                  "volume " + key + " is in use by " + e.writer + "; wait for it to finish or cancel it",
+                  "volume", true);
+    ++e.nbd_writers;
+    auto self = shared_from_this();
+    return std::shared_ptr<void>(nullptr, [self, key](void*) {
+      std::lock_guard lock(self->mutex_);
+      auto it = self->entries_.find(key);
+      if (it == self->entries_.end()) return;
+      --it->second.nbd_writers;
       self->tidy(it);
     });
   }
@@ -243,13 +269,13 @@ class VolumeService::Registry : public std::enable_shared_from_this<Registry> {
     std::lock_guard lock(mutex_);
     auto it = entries_.find(key);
     if (it == entries_.end()) return;
-    info.set_writing(it->second.writing);
+    info.set_writing(it->second.writing || it->second.nbd_writers > 0);
     info.set_readers(static_cast<std::uint32_t>(it->second.readers.size()));
   }
 
  private:
   void tidy(std::map<std::string, Entry>::iterator it) {
-    if (!it->second.writing && it->second.readers.empty()) entries_.erase(it);
+    if (!it->second.writing && !it->second.nbd_writers && it->second.readers.empty()) entries_.erase(it);
   }
   std::mutex mutex_;
   std::map<std::string, Entry> entries_;
@@ -431,6 +457,25 @@ const VolumeService::Pool& VolumeService::pool(const std::string& name) const {
   std::string known;
   for (const auto& p : pools_) known += (known.empty() ? "" : ", ") + p.name;
   throw pool_error(Code::not_found, "no pool '" + name + "' (pools: " + (known.empty() ? "none" : known) + ")");
+}
+
+VolumeService::NbdVolume VolumeService::open_nbd(const std::string& pool_name, const std::string& name,
+                                                bool read_only) {
+  const Pool& p = pool(pool_name);
+  validate_volume_name(name);
+  const std::string key = ref_text(p.name, name);
+  NbdVolume out;
+  out.pool = p.name;
+  out.name = name;
+  out.read_only = read_only || p.read_only;
+  std::shared_ptr<void> lock;
+  if (!out.read_only) lock = registry_->lock_nbd_writer(key);
+  struct stat st {};
+  auto fd = open_volume(p, name, out.read_only ? O_RDONLY : O_RDWR, &st);
+  out.fd = fd->fd;
+  out.size = static_cast<std::uint64_t>(st.st_size);
+  out.keep = std::make_shared<std::pair<std::shared_ptr<Fd>, std::shared_ptr<void>>>(fd, lock);
+  return out;
 }
 
 std::shared_ptr<rpc::Program> VolumeService::program() {

@@ -55,6 +55,21 @@ class VolumeService {
   VolumeService& operator=(const VolumeService&) = delete;
 
   std::shared_ptr<rpc::Program> program();
+
+  // A volume opened for an NBD export (daemon/nbd_service.h): a descriptor
+  // (owned by `keep`) and its size. Writable opens share the volume with
+  // other NBD connections and exclude uploads, resizes and deletes until
+  // `keep` is dropped. Throws NOT_FOUND, INVALID_ARGUMENT, or
+  // FAILED_PRECONDITION (retryable) while an upload writes it.
+  struct NbdVolume {
+    std::string pool;
+    std::string name;
+    int fd = -1;
+    std::uint64_t size = 0;
+    bool read_only = false;
+    std::shared_ptr<void> keep;
+  };
+  NbdVolume open_nbd(const std::string& pool, const std::string& name, bool read_only);
   FileIo& file_io() { return *io_; }
   std::string describe() const;
 

@@ -1066,5 +1066,7 @@ ServerStats Server::stats() const {
 }
 
 asio::io_context& Server::io_context() { return impl_->io(); }
+asio::io_context& Server::next_io_context() { return impl_->next_context(); }
+std::shared_ptr<BufferPool> Server::buffer_pool() { return impl_->pool_; }
 
 }  // namespace ferry::rpc

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "rpc/buffer.h"
 #include "rpc/endpoint.h"
 #include "rpc/frame.h"
 #include "rpc/program.h"
@@ -113,6 +114,11 @@ class Server {
 
   ServerStats stats() const;
   asio::io_context& io_context();
+  // The io threads' contexts in turn, for other services (plain NBD) that
+  // spread their connections over the same threads.
+  asio::io_context& next_io_context();
+  // The buffer pool every connection shares.
+  std::shared_ptr<BufferPool> buffer_pool();
 
  private:
   class Impl;
