@@ -210,6 +210,7 @@ Session& Session::operator=(Session&& other) noexcept {
 Session::~Session() { close(); }
 
 rpc::Client& Session::rpc() { return client_; }
+asio::any_io_executor Session::executor() { return io_->executor(); }
 
 void Session::close() {
   if (client_.is_open()) client_.close();

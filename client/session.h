@@ -120,6 +120,8 @@ class Session {
   ~Session();
 
   rpc::Client& rpc();
+  // The io thread's executor (where the connection runs).
+  asio::any_io_executor executor();
   void close();
 
   std::vector<v1::PoolInfo> pool_list();

@@ -1,5 +1,6 @@
 // ferry: command-line client (docs/cli.md).
 #include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -10,11 +11,13 @@
 #include <cstdlib>
 #include <deque>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <spdlog/spdlog.h>
 #include <thread>
 
 #include "client/cli/output.h"
+#include "client/nbd_bridge.h"
 #include "client/session.h"
 #include "daemon/default_paths.h"
 #include "ferry/v1/control.ferry.h"
@@ -41,6 +44,7 @@ struct Interrupts {
   std::condition_variable cv;
   bool fired = false;
   Session* session = nullptr;
+  std::function<void()> on_interrupt;  // what else to stop (nbd-serve's bridge)
   std::thread thread;
   sigset_t set{};
 
@@ -57,6 +61,7 @@ struct Interrupts {
         std::unique_lock lock(mutex);
         fired = true;
         if (session) session->abort_transfers(std::string("interrupted by ") + (sig == SIGINT ? "SIGINT" : "SIGTERM"));
+        if (on_interrupt) on_interrupt();
         cv.notify_all();
       }
       // The main thread normally ends within moments (its next write or
@@ -73,6 +78,7 @@ struct Interrupts {
   void stop() {
     std::lock_guard lock(mutex);
     session = nullptr;
+    on_interrupt = nullptr;
     if (thread.joinable()) thread.detach();
   }
   bool was_fired() {
@@ -142,6 +148,64 @@ int run_echo(Session& session, const std::string& text, unsigned count, unsigned
 
 std::string pad(const std::string& s, std::size_t w) { return s.size() >= w ? s : s + std::string(w - s.size(), ' '); }
 std::string lpad(const std::string& s, std::size_t w) { return s.size() >= w ? s : std::string(w - s.size(), ' ') + s; }
+
+// nbd-serve: the bridge runs until Ctrl-C, the --run command's end, or
+// (--once) its first client's.
+int run_nbd_serve(Session& session, const ferry::NbdBridgeOptions& options, const std::string& run,
+                  const Global& g) {
+  ferry::NbdBridge bridge(session, options);
+  const auto uris = bridge.uris();
+  if (g.json) {
+    Json j;
+    j.field("export", options.export_name).field("size", bridge.export_size()).field("uri", uris.front());
+    print_line(j.str());
+  } else if (!g.quiet) {
+    for (const auto& u : uris)
+      std::fprintf(stderr, "serving %s (%s) on %s\n", options.export_name.c_str(), human_size(bridge.export_size()).c_str(),
+                   u.c_str());
+  }
+  std::fflush(stdout);
+  {
+    std::lock_guard lock(g_interrupts.mutex);
+    g_interrupts.on_interrupt = [&bridge] { bridge.stop("interrupted"); };
+  }
+  int rc = 0;
+  std::thread waiter;
+  if (!run.empty()) {
+    const pid_t pid = ::fork();
+    if (pid < 0) throw ferry::Error::from_errno(errno, "fork for --run");
+    if (pid == 0) {
+      sigset_t none;
+      sigemptyset(&none);
+      pthread_sigmask(SIG_SETMASK, &none, nullptr);
+      ::setenv("uri", uris.front().c_str(), 1);
+      ::setenv("nbd", uris.front().c_str(), 1);
+      if (!options.socket_path.empty()) ::setenv("unixsocket", options.socket_path.c_str(), 1);
+      ::execl("/bin/sh", "sh", "-c", run.c_str(), static_cast<char*>(nullptr));
+      std::_Exit(127);
+    }
+    waiter = std::thread([pid, &rc, &bridge] {
+      int status = 0;
+      while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      bridge.stop("the --run command finished");
+    });
+  }
+  const auto stats = bridge.run();
+  if (waiter.joinable()) waiter.join();
+  {
+    std::lock_guard lock(g_interrupts.mutex);
+    g_interrupts.on_interrupt = nullptr;
+  }
+  if (!g.quiet && !g.json)
+    std::fprintf(stderr, "nbd-serve: %llu NBD connection(s), %s to the daemon, %s from it%s\n",
+                 static_cast<unsigned long long>(stats.connections), human_size(stats.bytes_to_daemon).c_str(),
+                 human_size(stats.bytes_from_daemon).c_str(),
+                 stats.failed ? (", " + std::to_string(stats.failed) + " failed").c_str() : "");
+  if (g_interrupts.was_fired()) return Exit::interrupted;
+  return rc;
+}
 
 int run_pool_list(Session& session, const Global& g) {
   auto pools = session.pool_list();
@@ -366,6 +430,24 @@ int main(int argc, char** argv) {
   vol_download->add_flag("--dense", dense, "write every byte, holes as zeros");
   vol_download->get_option("--sparse")->excludes("--dense");
 
+  ferry::NbdBridgeOptions nbd_options;
+  std::string nbd_run;
+  auto* nbd_serve = app.add_subcommand(
+      "nbd-serve",
+      "serve a volume to local NBD clients (qemu-img, nbdcopy, nbdinfo, nbdfuse); each NBD connection becomes a "
+      "stream on this one ferry connection");
+  nbd_serve->add_option("export", nbd_options.export_name,
+                        "POOL/NAME, NAME (pool default), or the name of an NBD export ferryd declares")
+      ->required();
+  nbd_serve->add_option("--socket", nbd_options.socket_path, "listen on this UNIX socket (mode 0600)");
+  nbd_serve->add_option("--tcp", nbd_options.tcp, "listen on HOST:PORT (port 0: any); no authentication, keep it local");
+  nbd_serve->add_flag("-r,--read-only", nbd_options.read_only, "serve read-only");
+  nbd_serve->add_flag("--once", nbd_options.once, "exit when the first NBD client disconnects");
+  nbd_serve->add_option("--run", nbd_run,
+                        "run this shell command once listening, with $uri (and $nbd) set to the NBD URI, then exit "
+                        "with its status (like nbdkit --run)");
+  nbd_serve->add_option("--max-connections", nbd_options.max_connections, "NBD clients at once")->capture_default_str();
+
   std::string events_pool;
   unsigned events_count = 0;
   double events_timeout = 0;
@@ -478,6 +560,7 @@ int main(int argc, char** argv) {
       print_transfer(*vol_upload ? "uploaded" : "downloaded", vol, file_arg, result, g);
     }
     if (*events) rc = run_events(session, events_pool, events_count, events_timeout, g);
+    if (*nbd_serve) rc = run_nbd_serve(session, nbd_options, nbd_run, g);
     {
       std::lock_guard lock(g_interrupts.mutex);
       g_interrupts.session = nullptr;
