@@ -118,6 +118,8 @@ FerrydProcess::FerrydProcess(std::vector<std::string> extra_args, std::vector<st
       tcp_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
     else if (line.rfind("tls:", 0) == 0)
       tls_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
+    else if (line.rfind("nbd-tcp:", 0) == 0)
+      nbd_tcp_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
 }
 
 FerrydProcess::~FerrydProcess() {

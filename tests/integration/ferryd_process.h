@@ -54,6 +54,8 @@ class FerrydProcess {
   std::uint16_t tls_port() const { return tls_port_; }
   const std::string& socket_path() const { return socket_path_; }
   std::uint16_t tcp_port() const { return tcp_port_; }
+  // The plain NBD listener's port, when started with --nbd-listen tcp:127.0.0.1:0.
+  std::uint16_t nbd_tcp_port() const { return nbd_tcp_port_; }
   pid_t pid() const { return pid_; }
   const std::string& dir() const { return dir_.path(); }
   std::string pool_dir() const { return dir_.path() + "/pool"; }
@@ -78,6 +80,7 @@ class FerrydProcess {
   std::string log_path_;
   std::uint16_t tcp_port_ = 0;
   std::uint16_t tls_port_ = 0;
+  std::uint16_t nbd_tcp_port_ = 0;
   pid_t pid_ = -1;
 };
 
