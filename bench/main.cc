@@ -27,6 +27,8 @@
 #include "bench/baselines.h"
 #include "bench/ferry_cases.h"
 #include "bench/harness.h"
+#include "bench/nbd_cases.h"
+#include "bench/nbd_writer.h"
 
 namespace ferry::bench {
 namespace {
@@ -115,6 +117,26 @@ const std::vector<Row>& rows() {
        [](const CaseOptions& o) { return raw_file_copy(o, vol_sparse(false)); }},
       {"vol.upload8", [](const CaseOptions& o) { return ferry_volume_copy(o, vol_eight(o)); },
        [](const CaseOptions& o) { return raw_file_copy(o, vol_eight(o)); }},
+      {"nbd.read.plain", [](const CaseOptions& o) { return ferry_nbd_plain(o, false); },
+       [](const CaseOptions& o) { return nbdkit_file_plain(o, false); }},
+      {"nbd.write.plain", [](const CaseOptions& o) { return ferry_nbd_plain(o, true); },
+       [](const CaseOptions& o) { return nbdkit_file_plain(o, true); }},
+      {"nbd.read.bridge.unix", [](const CaseOptions& o) { return ferry_nbd_bridge(o, false, false, true); },
+       [](const CaseOptions& o) { return ferry_nbd_bridge(o, false, false, false); }},
+      {"nbd.write.bridge.unix", [](const CaseOptions& o) { return ferry_nbd_bridge(o, true, false, true); },
+       [](const CaseOptions& o) { return ferry_nbd_bridge(o, true, false, false); }},
+      {"nbd.read.bridge.tls", [](const CaseOptions& o) { return ferry_nbd_bridge(o, false, true, true); },
+       [](const CaseOptions& o) { return ferry_nbd_bridge(o, false, true, false); }},
+      {"nbd.write.bridge.tls", [](const CaseOptions& o) { return ferry_nbd_bridge(o, true, true, true); },
+       [](const CaseOptions& o) { return ferry_nbd_bridge(o, true, true, false); }},
+      {"nbd.delay64.qd1", [](const CaseOptions& o) { return ferry_nbd_delay(o, 1); },
+       [](const CaseOptions& o) { return nbdkit_nbd_delay(o, 1); }},
+      {"nbd.delay64.qd64", [](const CaseOptions& o) { return ferry_nbd_delay(o, 64); },
+       [](const CaseOptions& o) { return nbdkit_nbd_delay(o, 64); }},
+      {"nbd.delay64.qd1024", [](const CaseOptions& o) { return ferry_nbd_delay(o, 1024); },
+       [](const CaseOptions& o) { return nbdkit_nbd_delay(o, 1024); }},
+      {"nbd.mixed", [](const CaseOptions& o) { return ferry_nbd_mixed(o, false); },
+       [](const CaseOptions& o) { return ferry_nbd_mixed(o, true); }},
   };
   return table;
 }
@@ -146,6 +168,7 @@ int usage(const char* why) {
       "usage: ferry_bench measure ROW --side ferry|baseline [--quick] [--ferryd PATH]\n"
       "                   [--addr ADDR] [--server-netns NS] [--client-netns NS] [--serve-only]\n"
       "       ferry_bench serve-raw-echo|serve-raw-sink|serve-grpc --listen ADDR\n"
+      "       ferry_bench nbd-write --socket PATH [--export NAME] --depth QD --mib N\n"
       "       ferry_bench rows\n",
       stderr);
   return exit_usage;
@@ -250,6 +273,21 @@ int run(int argc, char** argv) {
         !flags.contains("cert") || !flags.contains("key"))
       return usage("serve-tls-sink|serve-tls-source take --listen ADDR --cert PEM --key PEM");
     return serve_tls(flags["listen"], flags["cert"], flags["key"], command == "serve-tls-source");
+  }
+  if (command == "nbd-write") {
+    // The nbd.delay64.* rows' client on its own, against any NBD server on
+    // a unix socket: 128 KiB writes, QD in flight.
+    std::vector<std::string> positional;
+    std::map<std::string, std::string> flags;
+    if (!parse_flags(argc, argv, 2, positional, flags, {}, {"socket", "export", "depth", "mib"}) ||
+        !positional.empty() || flags["socket"].empty() || flags["depth"].empty() || flags["mib"].empty())
+      return usage("nbd-write takes --socket PATH [--export NAME] --depth QD --mib N");
+    const NbdWriteResult r = nbd_deep_write(flags["socket"], flags["export"], std::stoi(flags["depth"]), 128 * 1024,
+                                            std::stoull(flags["mib"]) << 20);
+    std::printf("%llu bytes in %.3f s: %.1f MB/s; latency min/p50/mean/max %.1f/%.1f/%.1f/%.1f ms\n",
+                static_cast<unsigned long long>(r.bytes), r.seconds, static_cast<double>(r.bytes) / 1e6 / r.seconds,
+                r.latency_min_ms, r.latency_p50_ms, r.latency_mean_ms, r.latency_max_ms);
+    return 0;
   }
   if (command == "rows") {
     for (const Row& r : rows()) std::printf("%.*s\n", static_cast<int>(r.name.size()), r.name.data());
