@@ -20,6 +20,7 @@
 #include <spdlog/spdlog.h>
 
 #include "ferry/v1/nbd.ferry.h"
+#include "rpc/waker.h"
 #include "stream/service.h"
 
 namespace ferry {
@@ -30,20 +31,20 @@ namespace {
 // header fits, and stream chunks stay full.
 constexpr std::size_t read_size = 256u << 10;
 
-// Wakes one coroutine on a single-threaded executor.
+// Set once, awaited once, on one single-threaded executor.
 class Done {
  public:
-  explicit Done(asio::any_io_executor ex) : timer_(std::move(ex)) { timer_.expires_at(asio::steady_timer::time_point::max()); }
+  explicit Done(const asio::any_io_executor& ex) : waker_(ex) {}
   void set() {
     done_ = true;
-    timer_.cancel();
+    waker_.wake();
   }
   asio::awaitable<void> wait() {
-    while (!done_) co_await timer_.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
+    while (!done_) co_await waker_.wait();
   }
 
  private:
-  asio::steady_timer timer_;
+  rpc::Waker waker_;
   bool done_ = false;
 };
 

@@ -9,7 +9,6 @@
 #include <asio/ip/tcp.hpp>
 #include <asio/local/stream_protocol.hpp>
 #include <asio/this_coro.hpp>
-#include <asio/use_future.hpp>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -289,8 +288,7 @@ class NbdService::Exports : public nbd::ExportSource {
         backend = nbd::RemoteBackend::connect_blocking(server.next_io_context().get_executor(), spec.arg);
       } else {  // volume: opened per connection, like any volume
         auto [pool, name] = split_volume(spec.arg);
-        volume_aliases_[c.name] = {pool, name, spec.read_only};
-        if (spec.delay.count()) delays_[c.name] = spec.delay;
+        volume_aliases_[c.name] = {pool, name, spec.read_only, spec.delay};
         spdlog::info("NBD export {}: volume {}/{}{}", c.name, pool, name, spec.read_only ? " (read-only)" : "");
         continue;
       }
@@ -328,7 +326,7 @@ class NbdService::Exports : public nbd::ExportSource {
       pool = it->second.pool;
       vol = it->second.name;
       ro = ro || it->second.read_only;
-      if (auto d = delays_.find(name); d != delays_.end()) delay = d->second;
+      delay = it->second.delay;
     } else {
       std::tie(pool, vol) = split_volume(name);
     }
@@ -385,12 +383,12 @@ class NbdService::Exports : public nbd::ExportSource {
   struct Alias {
     std::string pool, name;
     bool read_only = false;
+    std::chrono::nanoseconds delay{0};
   };
   VolumeService& volumes_;
   std::vector<NbdExportConfig> configs_;
   std::map<std::string, std::shared_ptr<nbd::Export>> named_;
   std::map<std::string, Alias> volume_aliases_;
-  std::map<std::string, std::chrono::nanoseconds> delays_;
 };
 
 // ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@
 #include "ferry/v1/volume.ferry.h"
 #include "stream/service.h"
 #include "stream/sparse.h"
+#include "rpc/waker.h"
 
 namespace ferry::daemon {
 
@@ -80,20 +81,7 @@ struct Fd {
   Fd& operator=(const Fd&) = delete;
 };
 
-// Wakes one coroutine waiting on a strand. wait() and wake() must run on
-// the same strand, which makes check-then-wait race-free.
-class Waker {
- public:
-  explicit Waker(asio::any_io_executor ex) : timer_(std::move(ex)) {}
-  asio::awaitable<void> wait() {
-    timer_.expires_at(asio::steady_timer::time_point::max());
-    co_await timer_.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
-  }
-  void wake() { timer_.cancel(); }
-
- private:
-  asio::steady_timer timer_;
-};
+using rpc::Waker;
 
 // Up to `depth` file operations in flight, started in order, finishing in
 // any order; the first failure wins. Everything an operation needs (buffer,

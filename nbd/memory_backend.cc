@@ -6,6 +6,7 @@
 #include <cstring>
 
 #include "rpc/error.h"
+#include "stream/sparse.h"
 
 namespace ferry::nbd {
 
@@ -20,12 +21,6 @@ void push_extent(std::vector<Extent>& v, std::uint64_t length, std::uint32_t fla
     v.back().length += length;
   else
     v.push_back({length, flags});
-}
-
-bool all_zero(const std::uint8_t* p, std::size_t n) {
-  if (n == 0) return true;
-  // Zero iff the first byte is zero and every byte equals the next one.
-  return p[0] == 0 && std::memcmp(p, p + 1, n - 1) == 0;
 }
 
 Capabilities memory_like_capabilities(bool read_only) {
@@ -152,7 +147,7 @@ void MemoryBackend::write_sync(std::span<const std::uint8_t> data, std::uint64_t
         std::lock_guard bytes(it->second->mutex);
         std::memcpy(it->second->bytes.get() + in_page, src, n);
         ++it;
-      } else if (!all_zero(src, n)) {
+      } else if (!stream::is_all_zero({src, n})) {
         missing.push_back({index, in_page, n, src, nullptr});
       }
       pos += n;

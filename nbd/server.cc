@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "nbd/protocol.h"
+#include "rpc/waker.h"
 
 namespace ferry::nbd {
 
@@ -31,22 +32,7 @@ constexpr std::uint64_t default_budget = 256u << 20;
 // The context id SET_META_CONTEXT hands out for base:allocation.
 constexpr std::uint32_t base_allocation_id = 1;
 
-// Wakes one coroutine of this executor: a timer set to "never" that
-// wake() cancels. A wake with nobody waiting is lost, so waiters loop on
-// the condition they wait for (single-threaded: nothing changes between
-// the check and the wait).
-class Waker {
- public:
-  explicit Waker(const asio::any_io_executor& ex) : timer_(ex) {}
-  asio::awaitable<void> wait() {
-    timer_.expires_at(asio::steady_timer::time_point::max());
-    co_await timer_.async_wait(asio::experimental::as_tuple(asio::use_awaitable));
-  }
-  void wake() { timer_.cancel(); }
-
- private:
-  asio::steady_timer timer_;
-};
+using rpc::Waker;
 
 bool power_of_two(std::uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
 
