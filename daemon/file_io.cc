@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <liburing.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -78,12 +79,27 @@ bool io_uring_disabled_by_sysctl() {
 
 }  // namespace
 
+// Only the reaper thread enters the kernel. io_uring hands work it cannot
+// finish at once (buffered writes on most filesystems) to io-wq workers of
+// the *submitting* task, each task with its own set, so submitting from every
+// io thread would multiply the workers by the io threads. Instead start()
+// queues the request and wakes the reaper through an eventfd that a poll in
+// the ring watches; the reaper prepares, submits and reaps. One set of
+// workers, capped below, whatever the number of io threads.
 struct FileIo::Ring {
   io_uring ring{};
-  std::mutex submit_mutex;
+  int wake_fd = -1;
+  std::mutex mutex;  // guards pending, wake_pending, stopping
+  std::vector<std::pair<Request, Completion*>> pending;
+  bool wake_pending = false;
+  bool stopping = false;
   std::thread reaper;
-  std::atomic<bool> stopping{false};
 };
+
+namespace {
+// user_data of the eventfd poll; completions carry Completion pointers.
+char wake_tag;
+}  // namespace
 
 FileIo::FileIo(Options options) : engine_(Engine::threads), pool_(std::max(1u, options.threads)) {
   const std::string pool_text = std::to_string(std::max(1u, options.threads)) + " threads";
@@ -107,6 +123,12 @@ FileIo::FileIo(Options options) : engine_(Engine::threads), pool_(std::max(1u, o
   // File I/O is "bounded" work; "unbounded" (sockets, pipes) never comes here.
   unsigned workers[2] = {std::max(1u, options.threads), 1};
   const int capped = io_uring_register_iowq_max_workers(&ring->ring, workers);
+  ring->wake_fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (ring->wake_fd < 0) {
+    io_uring_queue_exit(&ring->ring);
+    description_ = "thread pool of " + pool_text + " (eventfd: " + std::strerror(errno) + ")";
+    return;
+  }
   ring_ = std::move(ring);
   engine_ = Engine::io_uring;
   description_ = "io_uring (" + std::to_string(std::max(8u, options.queue_depth)) + " entries" +
@@ -119,42 +141,108 @@ FileIo::FileIo(Options options) : engine_(Engine::threads), pool_(std::max(1u, o
 FileIo::~FileIo() {
   if (ring_) {
     {
-      std::lock_guard lock(ring_->submit_mutex);
+      std::lock_guard lock(ring_->mutex);
       ring_->stopping = true;
-      io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
-      while (!sqe) {
-        io_uring_submit(&ring_->ring);
-        sqe = io_uring_get_sqe(&ring_->ring);
-      }
-      io_uring_prep_nop(sqe);
-      io_uring_sqe_set_data(sqe, nullptr);
-      io_uring_submit(&ring_->ring);
     }
+    wake();
     ring_->reaper.join();
     io_uring_queue_exit(&ring_->ring);
+    ::close(ring_->wake_fd);
   }
   pool_.join();
 }
 
+void FileIo::wake() {
+  const std::uint64_t one = 1;
+  while (::write(ring_->wake_fd, &one, sizeof one) < 0 && errno == EINTR) {
+  }
+}
+
 std::uint64_t FileIo::in_flight() const { return g_in_flight.load(std::memory_order_relaxed); }
 
+namespace {
+
+io_uring_sqe* next_sqe(io_uring* ring) {
+  io_uring_sqe* sqe = io_uring_get_sqe(ring);
+  while (!sqe) {  // queue full: hand what is there to the kernel first
+    io_uring_submit(ring);
+    sqe = io_uring_get_sqe(ring);
+  }
+  return sqe;
+}
+
+void prepare(io_uring_sqe* sqe, const FileIo::Request& r) {
+  using Op = FileIo::Request::Op;
+  switch (r.op) {
+    case Op::read:
+      io_uring_prep_read(sqe, r.fd, r.data, static_cast<unsigned>(r.length), r.offset);
+      break;
+    case Op::write:
+      io_uring_prep_write(sqe, r.fd, r.data, static_cast<unsigned>(r.length), r.offset);
+      break;
+    case Op::punch:
+      io_uring_prep_fallocate(sqe, r.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, r.offset, r.length);
+      break;
+    case Op::datasync:
+      io_uring_prep_fsync(sqe, r.fd, IORING_FSYNC_DATASYNC);
+      break;
+  }
+}
+
+}  // namespace
+
 void FileIo::reap() {
+  io_uring* ring = &ring_->ring;
+  bool watching = false;  // the eventfd poll is armed
+  std::vector<std::pair<Request, Completion*>> batch;
+  std::uint64_t in_ring = 0;  // requests submitted and not completed
+  bool stopping = false;
   for (;;) {
-    io_uring_cqe* cqe = nullptr;
-    const int rc = io_uring_wait_cqe(&ring_->ring, &cqe);
-    if (rc == -EINTR) continue;
-    if (rc < 0) {
-      spdlog::critical("io_uring_wait_cqe failed: {}", std::strerror(-rc));
+    if (!watching) {
+      io_uring_sqe* sqe = next_sqe(ring);
+      io_uring_prep_poll_add(sqe, ring_->wake_fd, POLLIN);
+      io_uring_sqe_set_data(sqe, &wake_tag);
+      watching = true;
+    }
+    if (stopping && in_ring == 0) return;
+    const int rc = io_uring_submit_and_wait(ring, 1);
+    if (rc < 0 && rc != -EINTR && rc != -EBUSY && rc != -EAGAIN) {
+      spdlog::critical("io_uring_submit_and_wait failed: {}", std::strerror(-rc));
       std::abort();
     }
-    auto* completion = static_cast<Completion*>(io_uring_cqe_get_data(cqe));
-    const int result = cqe->res;
-    io_uring_cqe_seen(&ring_->ring, cqe);
-    if (!completion) {
-      if (ring_->stopping) return;
-      continue;
+    unsigned head = 0;
+    unsigned seen = 0;
+    bool woken = false;
+    io_uring_cqe* cqe = nullptr;
+    io_uring_for_each_cqe(ring, head, cqe) {
+      ++seen;
+      void* data = io_uring_cqe_get_data(cqe);
+      if (data == &wake_tag) {
+        watching = false;
+        woken = true;
+        continue;
+      }
+      --in_ring;
+      static_cast<Completion*>(data)->complete(cqe->res);
     }
-    completion->complete(result);
+    io_uring_cq_advance(ring, seen);
+    if (!woken) continue;
+    std::uint64_t count = 0;
+    while (::read(ring_->wake_fd, &count, sizeof count) < 0 && errno == EINTR) {
+    }
+    {
+      std::lock_guard lock(ring_->mutex);
+      batch.swap(ring_->pending);
+      ring_->wake_pending = false;
+      stopping = ring_->stopping;
+    }
+    for (auto& [request, completion] : batch) {
+      io_uring_sqe* sqe = next_sqe(ring);
+      prepare(sqe, request);
+      io_uring_sqe_set_data(sqe, completion);
+      ++in_ring;
+    }
+    batch.clear();
   }
 }
 
@@ -164,33 +252,14 @@ void FileIo::start(const Request& r, Completion* completion) {
     asio::post(pool_, [r, completion] { completion->complete(run_blocking(r)); });
     return;
   }
-  std::lock_guard lock(ring_->submit_mutex);
-  io_uring_sqe* sqe = io_uring_get_sqe(&ring_->ring);
-  while (!sqe) {  // queue full: hand what is there to the kernel first
-    io_uring_submit(&ring_->ring);
-    sqe = io_uring_get_sqe(&ring_->ring);
+  bool wake_now = false;
+  {
+    std::lock_guard lock(ring_->mutex);
+    ring_->pending.emplace_back(r, completion);
+    wake_now = !ring_->wake_pending;
+    ring_->wake_pending = true;
   }
-  switch (r.op) {
-    case Request::Op::read:
-      io_uring_prep_read(sqe, r.fd, r.data, static_cast<unsigned>(r.length), r.offset);
-      break;
-    case Request::Op::write:
-      io_uring_prep_write(sqe, r.fd, r.data, static_cast<unsigned>(r.length), r.offset);
-      break;
-    case Request::Op::punch:
-      io_uring_prep_fallocate(sqe, r.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, r.offset, r.length);
-      break;
-    case Request::Op::datasync:
-      io_uring_prep_fsync(sqe, r.fd, IORING_FSYNC_DATASYNC);
-      break;
-  }
-  io_uring_sqe_set_data(sqe, completion);
-  const int rc = io_uring_submit(&ring_->ring);
-  if (rc < 0) {
-    // The kernel took nothing: nothing will complete it but us.
-    spdlog::error("io_uring_submit failed ({}); running the request on the pool", std::strerror(-rc));
-    asio::post(pool_, [r, completion] { completion->complete(run_blocking(r)); });
-  }
+  if (wake_now) wake();
 }
 
 asio::awaitable<int> FileIo::submit(Request request) {

@@ -3,9 +3,11 @@
 // the kernel does them.
 //
 // Two engines behind one interface:
-//  - io_uring (liburing): one ring per FileIo; submission under a mutex from
-//    any thread, completions reaped by one small thread that posts each
-//    result to the awaiting coroutine's executor. No thread per request.
+//  - io_uring (liburing): one ring per FileIo and one small thread that
+//    alone enters the kernel: any thread queues a request and wakes it (an
+//    eventfd the ring polls); it submits, reaps, and posts each result to
+//    the awaiting coroutine's executor. No thread per request, and one set
+//    of kernel io-wq workers, capped at `threads` + 1.
 //  - a bounded thread pool doing pread/pwrite/fallocate/fdatasync, used
 //    where the kernel refuses io_uring (io_uring_disabled, seccomp, old
 //    kernels) or when asked for (`file_io = "threads"`).
@@ -86,6 +88,7 @@ class FileIo {
   asio::awaitable<int> submit(Request request);
   void start(const Request& request, Completion* completion);
   void reap();
+  void wake();
 
   struct Ring;
   Engine engine_;
