@@ -215,6 +215,21 @@ DaemonConfig parse_config(const std::string& text, const std::string& source) {
   volumes.integer("io_depth", c.volumes.io_depth, 1, 256);
   volumes.check_all_used();
 
+  const auto& migration_table = table_or_empty(top, "migration", source);
+  Section migration(migration_table, "migration", source);
+  migration.integer("extent_size", c.migration.extent_size, 1 << 20, std::int64_t{1} << 34);
+  if (c.migration.extent_size % 4096)
+    throw bad(source, migration_table.get("extent_size")->source(),
+              "migration.extent_size must be a multiple of 4096");
+  migration.integer("parallel", c.migration.parallel, 1, 256);
+  migration.integer("window", c.migration.window, 64 << 10, std::int64_t{1} << 30);
+  migration.string("tls_ca", c.migration.tls_ca);
+  migration.string("tls_cert", c.migration.tls_cert);
+  migration.string("tls_key", c.migration.tls_key);
+  migration.string("sasl_user", c.migration.sasl_user);
+  migration.string("sasl_password_file", c.migration.sasl_password_file);
+  migration.check_all_used();
+
   const auto& nbd_table = table_or_empty(top, "nbd", source);
   Section nbd(nbd_table, "nbd", source);
   nbd.strings("listen", c.nbd.listen);
@@ -324,6 +339,15 @@ std::string to_toml(const DaemonConfig& c) {
                   {"max_request", static_cast<std::int64_t>(c.nbd.max_request)}};
   if (!nbd_exports.empty()) nbd.insert("export", nbd_exports);
   root.insert("nbd", nbd);
+  const auto& m = c.migration;
+  root.insert("migration", toml::table{{"extent_size", static_cast<std::int64_t>(m.extent_size)},
+                                       {"parallel", static_cast<std::int64_t>(m.parallel)},
+                                       {"window", static_cast<std::int64_t>(m.window)},
+                                       {"tls_ca", m.tls_ca},
+                                       {"tls_cert", m.tls_cert},
+                                       {"tls_key", m.tls_key},
+                                       {"sasl_user", m.sasl_user},
+                                       {"sasl_password_file", m.sasl_password_file}});
   toml::array pools;
   for (const auto& p : c.pools) pools.push_back(toml::table{{"name", p.name}, {"path", p.path}, {"read_only", p.read_only}});
   root.insert("pool", pools);

@@ -40,12 +40,26 @@ struct NbdConfig {
   std::vector<NbdExportConfig> exports;
 };
 
+// Volume migration (daemon/migration.h): how copies are cut and how this
+// daemon connects to destination daemons.
+struct MigrationConfig {
+  std::uint64_t extent_size = 64u << 20;  // commit, verify and resume unit
+  unsigned parallel = 8;                  // extents in flight per copy
+  std::uint32_t window = 4u << 20;        // stream window proposed to destinations
+  std::string tls_ca;                     // PEM CAs for destination certificates (default: system)
+  std::string tls_cert;                   // client certificate shown to destinations
+  std::string tls_key;
+  std::string sasl_user;                  // for destinations that ask for SASL
+  std::string sasl_password_file;         // first line: the password
+};
+
 struct DaemonConfig {
   rpc::ServerOptions server;
   std::vector<std::string> listen;  // addresses; empty: the default unix socket
   std::vector<PoolConfig> pools;    // the `default` pool when none is given
   VolumeOptions volumes;
   NbdConfig nbd;
+  MigrationConfig migration;
   std::string log_level = "info";
   unsigned shutdown_grace_ms = 5000;
   bool test_service = false;

@@ -13,6 +13,7 @@
 
 #include "daemon/config.h"
 #include "daemon/default_paths.h"
+#include "daemon/migration.h"
 #include "daemon/nbd_service.h"
 #include "daemon/test_service.h"
 #include "daemon/volumes.h"
@@ -46,6 +47,29 @@ std::string config_path_from(int argc, char** argv) {
     if (arg.rfind("--config=", 0) == 0) return arg.substr(9);
   }
   return {};
+}
+
+// How this daemon connects to migration destinations.
+ferry::daemon::MigrationOptions migration_options(const ferry::daemon::MigrationConfig& c) {
+  ferry::daemon::MigrationOptions o;
+  o.extent_size = c.extent_size;
+  o.parallel = c.parallel;
+  o.client.window = c.window;
+  o.client.tls.ca_file = c.tls_ca;
+  o.client.tls.cert_file = c.tls_cert;
+  o.client.tls.key_file = c.tls_key;
+  o.client.sasl.username = c.sasl_user;
+  if (!c.sasl_password_file.empty()) {
+    std::ifstream in(c.sasl_password_file);
+    if (!in)
+      throw ferry::Error(ferry::Code::invalid_argument,
+                         "migration.sasl_password_file: cannot read " + c.sasl_password_file);
+    std::getline(in, o.client.sasl.password);
+    while (!o.client.sasl.password.empty() &&
+           (o.client.sasl.password.back() == '\r' || o.client.sasl.password.back() == '\n'))
+      o.client.sasl.password.pop_back();
+  }
+  return o;
 }
 
 std::string join(const std::vector<std::string>& v) {
@@ -264,8 +288,10 @@ int main(int argc, char** argv) {
     ferry::daemon::VolumeService volumes(config.pools, config.volumes);
     ferry::daemon::NbdService nbd(volumes, config.nbd);
     ferry::rpc::Server server(options);
+    ferry::daemon::Migration migration(volumes, server, migration_options(config.migration));
     server.add_program(volumes.program());
     server.add_program(nbd.program());
+    server.add_program(migration.program());
     if (test_service) server.add_program(ferry::daemon::make_test_program(server));
     spdlog::info("configuration: {}", config.source);
     spdlog::info("volumes: {}", volumes.describe());
@@ -294,6 +320,7 @@ int main(int argc, char** argv) {
     }
     spdlog::info("received {}, shutting down (grace {} ms)", sig == SIGTERM ? "SIGTERM" : "SIGINT", shutdown_grace_ms);
     nbd.shutdown(std::chrono::milliseconds(shutdown_grace_ms));
+    migration.shutdown(std::chrono::milliseconds(std::min(shutdown_grace_ms, 2000u)));
     server.shutdown(std::chrono::milliseconds(shutdown_grace_ms));
     spdlog::info("ferryd stopped");
     return 0;

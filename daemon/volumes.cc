@@ -18,6 +18,8 @@
 #include <spdlog/spdlog.h>
 
 #include "daemon/config.h"
+#include "daemon/copy_state.h"
+#include "daemon/volume_io.h"
 #include "ferry/v1/volume.ferry.h"
 #include "stream/service.h"
 #include "stream/sparse.h"
@@ -69,68 +71,6 @@ std::string who(const rpc::PeerIdentity& peer) {
 }
 
 std::string bytes_text(std::uint64_t n) { return std::to_string(n) + " bytes"; }
-
-// An open descriptor shared by a handler and its file operations in flight.
-struct Fd {
-  int fd = -1;
-  explicit Fd(int f) : fd(f) {}
-  ~Fd() {
-    if (fd >= 0) ::close(fd);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-};
-
-using rpc::Waker;
-
-// Up to `depth` file operations in flight, started in order, finishing in
-// any order; the first failure wins. Everything an operation needs (buffer,
-// descriptor, the writer lock) is owned by the operation or by `keep`, so a
-// handler that leaves early (cancelled, client gone) never frees what the
-// kernel still writes into, and the volume's lock is released only when its
-// last write has landed.
-class Pipeline {
- public:
-  Pipeline(asio::any_io_executor ex, unsigned depth, std::shared_ptr<void> keep)
-      : state_(std::make_shared<State>(ex, std::move(keep))), depth_(std::max(1u, depth)) {}
-
-  // Waits until another operation may start (and throws the first
-  // failure). A coroutine without by-value parameters on purpose: the
-  // operation is handed to start(), a plain function, afterwards.
-  asio::awaitable<void> room() {
-    while (state_->running >= depth_ && !state_->error) co_await state_->waker.wait();
-    rethrow();
-  }
-  template <class Op>
-  void start(Op op) {
-    ++state_->running;
-    auto st = state_;
-    asio::co_spawn(st->ex, std::move(op), asio::bind_executor(st->ex, [st](std::exception_ptr e) {
-                     --st->running;
-                     if (e && !st->error) st->error = e;
-                     st->waker.wake();
-                   }));
-  }
-  asio::awaitable<void> drain() {
-    while (state_->running > 0) co_await state_->waker.wait();
-    rethrow();
-  }
-  void rethrow() const {
-    if (state_->error) std::rethrow_exception(state_->error);
-  }
-
- private:
-  struct State {
-    State(asio::any_io_executor e, std::shared_ptr<void> k) : ex(e), waker(e), keep(std::move(k)) {}
-    asio::any_io_executor ex;
-    Waker waker;
-    std::shared_ptr<void> keep;
-    unsigned running = 0;
-    std::exception_ptr error;
-  };
-  std::shared_ptr<State> state_;
-  unsigned depth_;
-};
 
 Error pool_error(Code code, const std::string& message, bool retryable = false) {
   return Error(code, message, "volume", retryable);
@@ -346,6 +286,19 @@ std::shared_ptr<Fd> open_volume(const VolumeService::Pool& pool, const std::stri
   return out;
 }
 
+// A volume with a copy state is incomplete (daemon/copy_state.h).
+void note_copy_state(const VolumeService::Pool& pool, VolumeInfo& info) {
+  try {
+    if (auto state = read_copy_state(pool.dirfd, info.name())) {
+      info.set_state("incomplete");
+      info.set_state_detail(state->summary());
+    }
+  } catch (const Error& e) {
+    info.set_state("incomplete");
+    info.set_state_detail(e.message());
+  }
+}
+
 VolumeInfo info_at(const VolumeService::Pool& pool, const std::string& name) {
   struct stat st {};
   if (::fstatat(pool.dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) {
@@ -358,7 +311,9 @@ VolumeInfo info_at(const VolumeService::Pool& pool, const std::string& name) {
   if (!S_ISREG(st.st_mode))
     throw pool_error(Code::failed_precondition,
                      "volume " + ref_text(pool.name, name) + " is not a regular file; ferry serves only raw files");
-  return stat_info(pool.name, name, st);
+  VolumeInfo info = stat_info(pool.name, name, st);
+  note_copy_state(pool, info);
+  return info;
 }
 
 // Volume names in a pool's directory, sorted: regular files with valid
@@ -447,6 +402,33 @@ const VolumeService::Pool& VolumeService::pool(const std::string& name) const {
   throw pool_error(Code::not_found, "no pool '" + name + "' (pools: " + (known.empty() ? "none" : known) + ")");
 }
 
+const VolumeService::Pool& VolumeService::writable_pool(const std::string& name, const char* what) const {
+  const Pool& p = pool(name);
+  if (p.read_only)
+    throw pool_error(Code::failed_precondition, std::string("cannot ") + what + " in pool '" + p.name + "': it is read-only");
+  return p;
+}
+
+std::shared_ptr<void> VolumeService::lock_writer(const std::string& pool_name, const std::string& name,
+                                                 const std::string& writer) {
+  return registry_->lock_writer(ref_text(pool_name, name), writer);
+}
+
+std::shared_ptr<Fd> VolumeService::open_file(const Pool& p, const std::string& name, int flags, struct stat* st) {
+  return open_volume(p, name, flags, st);
+}
+
+VolumeInfo VolumeService::info(const Pool& p, const std::string& name) {
+  VolumeInfo out = info_at(p, name);
+  registry_->fill(ref_text(p.name, name), out);
+  return out;
+}
+
+void VolumeService::publish(VolumeEventKind kind, const std::string& pool_name, const std::string& name,
+                            std::uint64_t capacity, const std::string& detail) {
+  events_->publish(kind, pool_name, name, capacity, detail);
+}
+
 VolumeService::NbdVolume VolumeService::open_nbd(const std::string& pool_name, const std::string& name,
                                                 bool read_only) {
   const Pool& p = pool(pool_name);
@@ -474,11 +456,7 @@ std::shared_ptr<rpc::Program> VolumeService::program() {
   const unsigned depth = std::max(1u, options_.io_depth);
 
   auto writable = [this](const std::string& pool_name, const char* what) -> const Pool& {
-    const Pool& p = pool(pool_name);
-    if (p.read_only)
-      throw pool_error(Code::failed_precondition,
-                       std::string("cannot ") + what + " in pool '" + p.name + "': it is read-only");
-    return p;
+    return writable_pool(pool_name, what);
   };
 
   program->on<Volume::PoolList>([this](const PoolListCall&, rpc::CallContext&) -> asio::awaitable<PoolListReply> {
@@ -516,6 +494,7 @@ std::shared_ptr<rpc::Program> VolumeService::program() {
       if (::fstatat(p.dirfd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISREG(st.st_mode)) continue;
       VolumeInfo* info = reply.add_volumes();
       *info = stat_info(p.name, name, st);
+      note_copy_state(p, *info);
       registry->fill(ref_text(p.name, name), *info);
     }
     co_return reply;
@@ -572,6 +551,7 @@ std::shared_ptr<rpc::Program> VolumeService::program() {
       if (errno == ENOENT) throw pool_error(Code::not_found, "no volume '" + ref.name() + "' in pool '" + p.name + "'");
       throw Error::from_errno(errno, "delete volume " + key);
     }
+    remove_copy_state(p.dirfd, ref.name());
     registry->abort_readers(key, Error(Code::aborted, "volume " + key + " was deleted during the download", "volume"));
     spdlog::info("volume {} deleted ({})", key, who(ctx.peer()));
     events->publish(VOLUME_DELETED, p.name, ref.name(), 0, "deleted");
@@ -764,104 +744,28 @@ std::shared_ptr<rpc::Program> VolumeService::program() {
                                                  " (capacity " + bytes_text(capacity) + ")");
       end = call.offset() + call.length();
     }
-    auto reader = registry->add_reader(key, s.weak_from_this());
-
-    const std::uint64_t chunk = s.limits().chunk_size;
-    const auto ex = co_await asio::this_coro::executor;
-    struct Slot {
-      bool hole = false;
-      std::uint64_t offset = 0;
-      std::uint64_t length = 0;
-      rpc::Buffer buffer;
-      bool done = false;
-      std::size_t got = 0;
-      std::exception_ptr error;
-    };
-    struct Shared {
-      explicit Shared(asio::any_io_executor e) : waker(e) {}
-      Waker waker;
-    };
-    auto shared = std::make_shared<Shared>(ex);
-    std::deque<std::shared_ptr<Slot>> ahead;
-    std::vector<stream::Extent> extents;
-    std::size_t next_extent = 0;
-    std::uint64_t planned = call.offset();
+    auto reading = registry->add_reader(key, s.weak_from_this());
+    RangeReader::Options options;
+    options.chunk = s.limits().chunk_size;
+    options.depth = depth;
+    options.dense = call.dense();
+    options.detect_zeros = call.detect_zeros();
+    RangeReader reader(co_await asio::this_coro::executor, io, file, call.offset(), end, options, &ctx.pool(),
+                       "volume " + key);
     VolDownloadReply reply;
     reply.set_capacity(capacity);
-    std::uint64_t pending_hole = 0;
-    auto flush_hole = [&]() -> asio::awaitable<void> {
-      if (pending_hole) {
-        co_await s.write_hole(pending_hole);
-        reply.set_hole_bytes(reply.hole_bytes() + pending_hole);
-        pending_hole = 0;
-      }
-    };
-    unsigned reads_in_flight = 0;
     for (;;) {
-      // Plan and start reads up to `depth` ahead.
-      while (planned < end && reads_in_flight < depth) {
-        if (next_extent == extents.size()) {
-          const std::uint64_t window = std::min<std::uint64_t>(end - planned, 1ull << 30);
-          if (call.dense())
-            extents = {stream::Extent{planned, window, false}};
-          else
-            extents = co_await io->run([fd = file->fd, planned, window] { return stream::map_extents(fd, planned, window); });
-          next_extent = 0;
-          if (extents.empty()) {
-            // The file shrank under us.
-            throw pool_error(Code::aborted, "volume " + key + " shrank to less than " + bytes_text(planned) +
-                                                " during the download");
-          }
-        }
-        stream::Extent& e = extents[next_extent];
-        auto slot = std::make_shared<Slot>();
-        slot->offset = planned;
-        if (e.hole) {
-          slot->hole = true;
-          slot->length = e.offset + e.length - planned;
-          slot->done = true;
-        } else {
-          slot->length = std::min<std::uint64_t>(chunk, e.offset + e.length - planned);
-          slot->buffer = ctx.pool().get(slot->length);
-          ++reads_in_flight;
-          asio::co_spawn(
-              ex,
-              [io, file, slot]() -> asio::awaitable<void> {
-                slot->got = co_await io->read(file->fd, {slot->buffer.data(), slot->length}, slot->offset);
-              },
-              asio::bind_executor(ex, [slot, shared](std::exception_ptr e) {
-                slot->error = e;
-                slot->done = true;
-                shared->waker.wake();
-              }));
-        }
-        planned += slot->length;
-        if (planned == e.offset + e.length) ++next_extent;
-        ahead.push_back(std::move(slot));
+      RangeReader::Piece piece = co_await reader.next();
+      if (piece.kind == RangeReader::Piece::Kind::end) break;
+      if (piece.kind == RangeReader::Piece::Kind::hole) {
+        reply.set_hole_bytes(reply.hole_bytes() + piece.length);
+        co_await s.write_hole(piece.length);
+      } else {
+        reply.set_data_bytes(reply.data_bytes() + piece.length);
+        co_await s.write(std::move(piece.data));
       }
-      if (ahead.empty()) break;
-      auto slot = ahead.front();
-      while (!slot->done) co_await shared->waker.wait();
-      ahead.pop_front();
-      if (!slot->hole) --reads_in_flight;
-      if (slot->error) std::rethrow_exception(slot->error);
-      if (slot->hole) {
-        pending_hole += slot->length;
-        continue;
-      }
-      if (slot->got < slot->length)
-        throw pool_error(Code::aborted, "volume " + key + " shrank during the download (short read at offset " +
-                                            std::to_string(slot->offset + slot->got) + ")");
-      if (call.detect_zeros() && stream::is_all_zero(slot->buffer.span())) {
-        pending_hole += slot->length;
-        continue;
-      }
-      co_await flush_hole();
-      reply.set_data_bytes(reply.data_bytes() + slot->length);
-      co_await s.write(std::move(slot->buffer));
     }
-    co_await flush_hole();
-    (void)reader;
+    (void)reading;
     co_return reply;
   });
 

@@ -21,6 +21,7 @@
 //    for creates, deletes, resizes and finished (or failed) uploads.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -30,6 +31,7 @@
 
 #include "daemon/config.h"
 #include "daemon/file_io.h"
+#include "daemon/volume_io.h"
 #include "rpc/program.h"
 
 namespace ferry::stream {
@@ -38,6 +40,8 @@ class Stream;
 
 namespace ferry::v1 {
 class VolumeEvent;
+class VolumeInfo;
+enum VolumeEventKind : int;
 }
 
 namespace ferry::daemon {
@@ -71,6 +75,7 @@ class VolumeService {
   };
   NbdVolume open_nbd(const std::string& pool, const std::string& name, bool read_only);
   FileIo& file_io() { return *io_; }
+  unsigned io_depth() const { return std::max(1u, options_.io_depth); }
   std::string describe() const;
 
   struct Pool {
@@ -79,6 +84,18 @@ class VolumeService {
     bool read_only = false;
     int dirfd = -1;
   };
+
+  // For migration (daemon/migration.h): the pool by name (NOT_FOUND), one
+  // that may be written (FAILED_PRECONDITION if read-only), the writer lock
+  // of "pool/name", a volume file opened safely, its info (with its copy
+  // state), and events to subscribers.
+  const Pool& find_pool(const std::string& name) const { return pool(name); }
+  const Pool& writable_pool(const std::string& name, const char* what) const;
+  std::shared_ptr<void> lock_writer(const std::string& pool, const std::string& name, const std::string& writer);
+  std::shared_ptr<Fd> open_file(const Pool& pool, const std::string& name, int flags, struct stat* st);
+  ferry::v1::VolumeInfo info(const Pool& pool, const std::string& name);
+  void publish(ferry::v1::VolumeEventKind kind, const std::string& pool, const std::string& name,
+               std::uint64_t capacity, const std::string& detail);
 
   // Who holds a volume, for the writer lock and for deletes.
   class Registry;

@@ -16,11 +16,13 @@
 #include <spdlog/spdlog.h>
 #include <thread>
 
+#include "client/cli/jobs.h"
 #include "client/cli/output.h"
 #include "client/nbd_bridge.h"
 #include "client/session.h"
 #include "daemon/default_paths.h"
 #include "ferry/v1/control.ferry.h"
+#include "ferry/v1/migration.ferry.h"
 #include "ferry/v1/test.ferry.h"
 
 namespace {
@@ -225,6 +227,7 @@ int run_pool_list(Session& session, const Global& g) {
 }
 
 std::string state_of(const ferry::v1::VolumeInfo& v) {
+  if (!v.state().empty()) return v.state() + (v.writing() ? ", writing" : "");
   if (v.writing()) return "writing";
   if (v.readers()) return "reading(" + std::to_string(v.readers()) + ")";
   return "-";
@@ -255,6 +258,7 @@ void print_volume(const ferry::v1::VolumeInfo& v, const Global& g) {
               v.pool().c_str(), v.name().c_str(), human_size(v.capacity()).c_str(),
               static_cast<unsigned long long>(v.capacity()), human_size(v.allocation()).c_str(),
               static_cast<unsigned long long>(v.allocation()), state_of(v).c_str());
+  if (!v.state_detail().empty()) std::printf("Detail:     %s\n", v.state_detail().c_str());
 }
 
 bool progress_enabled(const Global& g) {
@@ -292,7 +296,22 @@ void print_transfer(const char* verb, const VolumeName& vol, const std::string& 
 int run_events(Session& session, const std::string& pool, unsigned count, double timeout_s, const Global& g) {
   std::mutex mutex;
   std::condition_variable cv;
+  unsigned seen = 0;
   std::deque<ferry::v1::VolumeEvent> queue;
+  std::deque<ferry::v1::JobStatus> jobs;
+  // Job events too (vol-copy progress, jobs starting and ending).
+  session.rpc().on_message<ferry::v1::Migration::JobEvent>([&](ferry::v1::JobUpdate u) {
+    std::lock_guard lock(mutex);
+    jobs.push_back(u.job());
+    cv.notify_all();
+  });
+  struct Quiet {
+    Session& s;
+    ~Quiet() {
+      s.rpc().on_message<ferry::v1::Migration::JobEvent>([](ferry::v1::JobUpdate) {});
+    }
+  } quiet{session};
+  session.rpc().call_future<ferry::v1::Migration::JobSubscribe>(ferry::v1::JobSubscribeCall{}).get();
   session.subscribe(
       [&](const ferry::v1::VolumeEvent& e) {
         std::lock_guard lock(mutex);
@@ -306,10 +325,21 @@ int run_events(Session& session, const std::string& pool, unsigned count, double
   const auto deadline = timeout_s > 0 ? Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                                            std::chrono::duration<double>(timeout_s))
                                       : Clock::time_point::max();
-  unsigned seen = 0;
   for (;;) {
     std::unique_lock lock(mutex);
-    cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return !queue.empty(); });
+    cv.wait_for(lock, std::chrono::milliseconds(100), [&] { return !queue.empty() || !jobs.empty(); });
+    while (!jobs.empty()) {
+      auto j = jobs.front();
+      jobs.pop_front();
+      lock.unlock();
+      if (g.json)
+        print_line(Json().raw("job", ferry::cli::job_json(j).str()).str());
+      else
+        std::printf("%-8s %s\n", "job", ferry::cli::job_line(j).c_str());
+      std::fflush(stdout);
+      lock.lock();
+      if (count && ++seen >= count) return 0;
+    }
     while (!queue.empty()) {
       auto e = queue.front();
       queue.pop_front();
@@ -448,6 +478,38 @@ int main(int argc, char** argv) {
                         "with its status (like nbdkit --run)");
   nbd_serve->add_option("--max-connections", nbd_options.max_connections, "NBD clients at once")->capture_default_str();
 
+  std::string copy_src, copy_dst, copy_bandwidth, copy_extent;
+  ferry::cli::CopyRequest copy;
+  auto* vol_copy = app.add_subcommand(
+      "vol-copy",
+      "copy a volume from one daemon to another, directly between the daemons (the source daemon connects to the "
+      "destination with its own credentials); sparse, verified per extent, resumable");
+  vol_copy->add_option("source", copy_src,
+                       "ferry+unix:///SOCKET/POOL/NAME, ferry+tcp://HOST:PORT/POOL/NAME, ferry+tls://HOST:PORT/POOL/NAME, "
+                       "or POOL/NAME on the -c daemon")
+      ->required();
+  vol_copy->add_option("destination", copy_dst, "the same forms; the address must be reachable from the source daemon")
+      ->required();
+  vol_copy->add_flag("--resume", copy.resume,
+                     "continue an incomplete copy: extents the destination committed are checked against the source "
+                     "and not sent again");
+  vol_copy->add_flag("--overwrite", copy.overwrite, "replace an existing destination volume (or incomplete copy)");
+  vol_copy->add_option("--bandwidth", copy_bandwidth, "cap the data rate, bytes per second (K, M, G: 100M)");
+  vol_copy->add_option("--extent-size", copy_extent, "commit/verify/resume unit (default: the daemon's, 64M)");
+  vol_copy->add_option("--parallel", copy.parallel, "extents in flight (default: the daemon's, 8)");
+  vol_copy->add_flag("--no-sync", copy.no_sync,
+                     "the destination commits extents without fdatasync (benchmarks, scratch data; a host crash "
+                     "there may lose committed extents)");
+  vol_copy->add_flag("--detach", copy.detach, "start the job and return; follow it with job-info or events");
+
+  auto* job_list = app.add_subcommand("job-list", "list the daemon's jobs (copies out and in), running and recent");
+  std::string job_id;
+  auto* job_info = app.add_subcommand("job-info", "show one job: state, progress, rate, ETA, error, digest");
+  job_info->add_option("id", job_id, "job id (from job-list)")->required();
+  auto* job_cancel = app.add_subcommand("job-cancel",
+                                        "cancel a running job; both daemons stop and report the same error");
+  job_cancel->add_option("id", job_id, "job id (from job-list)")->required();
+
   std::string events_pool;
   unsigned events_count = 0;
   double events_timeout = 0;
@@ -496,6 +558,21 @@ int main(int argc, char** argv) {
     return Exit::usage;
   }
   const VolumeName vol = parse_volume(volume_arg);
+  if (*vol_copy) {
+    try {
+      copy.source = ferry::cli::parse_copy_end(copy_src, uri);
+      copy.destination = ferry::cli::parse_copy_end(copy_dst, uri);
+      if (!copy_bandwidth.empty()) copy.bandwidth = size_arg(copy_bandwidth, "--bandwidth");
+      if (!copy_extent.empty()) copy.extent_size = size_arg(copy_extent, "--extent-size");
+    } catch (const ferry::Error& e) {
+      std::fprintf(stderr, "ferry: %s\n", e.message().c_str());
+      return Exit::usage;
+    } catch (const CLI::ValidationError& e) {
+      std::fprintf(stderr, "ferry: %s\n", e.what());
+      return Exit::usage;
+    }
+    uri = copy.source.uri;  // the job runs on the source daemon
+  }
 
   g_interrupts.start();
   int rc = 0;
@@ -559,6 +636,15 @@ int main(int argc, char** argv) {
       bar.clear();
       print_transfer(*vol_upload ? "uploaded" : "downloaded", vol, file_arg, result, g);
     }
+    ferry::cli::JobOutput job_out;
+    job_out.json = g.json;
+    job_out.quiet = g.quiet;
+    job_out.progress = progress_enabled(g);
+    job_out.interrupted = [] { return g_interrupts.was_fired(); };
+    if (*vol_copy) rc = ferry::cli::run_vol_copy(session, copy, job_out);
+    if (*job_list) rc = ferry::cli::run_job_list(session, job_out);
+    if (*job_info) rc = ferry::cli::run_job_info(session, job_id, job_out);
+    if (*job_cancel) rc = ferry::cli::run_job_cancel(session, job_id, job_out);
     if (*events) rc = run_events(session, events_pool, events_count, events_timeout, g);
     if (*nbd_serve) rc = run_nbd_serve(session, nbd_options, nbd_run, g);
     {

@@ -183,6 +183,9 @@ Json volume_json(const v1::VolumeInfo& v) {
       .field("writing", v.writing())
       .field("readers", v.readers())
       .field("modified_ns", v.modified_ns());
+  // "incomplete" while a copy into it is unfinished (docs/migration.md).
+  j.field("state", v.state().empty() ? std::string("ready") : v.state());
+  if (!v.state_detail().empty()) j.field("state_detail", v.state_detail());
   return j;
 }
 
