@@ -52,6 +52,9 @@ struct CaseOptions {
   // empty means the caller's namespace. The measuring (client) process is
   // already inside the client namespace when the case runs.
   std::string server_netns;
+  // Path to the delay relay (build/tests/relay/ferry-delay-relay) for the
+  // copy.* rows; may not exist (a build without the tests).
+  std::string relay;
 };
 
 struct Measurement {
@@ -61,13 +64,15 @@ struct Measurement {
 };
 
 // A ferryd child process serving the test program (and the volume service)
-// at `address`; `extra` options go after the defaults.
+// at `address`; `extra` options go after the defaults. It runs in
+// options.server_netns and writes its bound addresses to `ready_name` in
+// `dir` (one file per daemon when a case starts several).
 struct Ferryd {
   inline Ferryd(const CaseOptions& options, const std::string& address, ScratchDir& dir,
-         std::vector<std::string> extra = {}) {
+         std::vector<std::string> extra = {}, const std::string& ready_name = "ready") {
     if (options.ferryd.empty() || !std::filesystem::exists(options.ferryd))
       throw std::runtime_error("ferryd not found at '" + options.ferryd + "' (pass --ferryd)");
-    ready_file = (dir.path() / "ready").string();
+    ready_file = (dir.path() / ready_name).string();
     std::vector<std::string> argv = {options.ferryd, "--test-service", "--auth-tcp", "none", "--listen", address, "--ready-file",
                                      ready_file, "--log-level", "warn", "--max-calls-per-client", "100000"};
     argv.insert(argv.end(), extra.begin(), extra.end());

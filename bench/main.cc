@@ -1,7 +1,8 @@
 // ferry_bench: one measurement per process, driven by bench/run.
 //
-//   ferry_bench measure ROW --side ferry|baseline [--quick] [--ferryd PATH]
-//               [--addr ADDR] [--server-netns NS] [--client-netns NS] [--serve-only]
+//   ferry_bench measure ROW --side ferry|baseline|baseline2 [--quick] [--ferryd PATH]
+//               [--relay PATH] [--addr ADDR] [--server-netns NS] [--client-netns NS]
+//               [--serve-only]
 //   ferry_bench serve-raw-echo --listen unix:PATH|tcp:HOST:PORT
 //   ferry_bench serve-raw-sink --listen unix:PATH|tcp:HOST:PORT
 //   ferry_bench serve-file     --listen unix:PATH|tcp:HOST:PORT --dir DIR
@@ -25,6 +26,7 @@
 #include <vector>
 
 #include "bench/baselines.h"
+#include "bench/copy_cases.h"
 #include "bench/ferry_cases.h"
 #include "bench/harness.h"
 #include "bench/nbd_cases.h"
@@ -41,6 +43,9 @@ struct Row {
   std::string_view name;
   std::function<Measurement(const CaseOptions&)> ferry;
   std::function<Measurement(const CaseOptions&)> baseline;
+  // A second peer some rows also measure (`--side baseline2`); bench/run
+  // reports it beside the first.
+  std::function<Measurement(const CaseOptions&)> baseline2 = {};
 };
 
 VolumeCopy vol_dense(const CaseOptions& o, bool upload, bool tcp) {
@@ -137,6 +142,15 @@ const std::vector<Row>& rows() {
        [](const CaseOptions& o) { return nbdkit_nbd_delay(o, 1024); }},
       {"nbd.mixed", [](const CaseOptions& o) { return ferry_nbd_mixed(o, false); },
        [](const CaseOptions& o) { return ferry_nbd_mixed(o, true); }},
+      {"copy.rtt0", [](const CaseOptions& o) { return ferry_vol_copy(o, 0); },
+       [](const CaseOptions& o) { return nbdcopy_volume_copy(o, 0); },
+       [](const CaseOptions& o) { return qemu_img_volume_copy(o, 0); }},
+      {"copy.rtt10", [](const CaseOptions& o) { return ferry_vol_copy(o, 10); },
+       [](const CaseOptions& o) { return nbdcopy_volume_copy(o, 10); },
+       [](const CaseOptions& o) { return qemu_img_volume_copy(o, 10); }},
+      {"copy.rtt50", [](const CaseOptions& o) { return ferry_vol_copy(o, 50); },
+       [](const CaseOptions& o) { return nbdcopy_volume_copy(o, 50); },
+       [](const CaseOptions& o) { return qemu_img_volume_copy(o, 50); }},
   };
   return table;
 }
@@ -165,8 +179,9 @@ std::string json_string(std::string_view text) {
 int usage(const char* why) {
   if (why) std::fprintf(stderr, "ferry_bench: %s\n", why);
   std::fputs(
-      "usage: ferry_bench measure ROW --side ferry|baseline [--quick] [--ferryd PATH]\n"
-      "                   [--addr ADDR] [--server-netns NS] [--client-netns NS] [--serve-only]\n"
+      "usage: ferry_bench measure ROW --side ferry|baseline|baseline2 [--quick] [--ferryd PATH]\n"
+      "                   [--relay PATH] [--addr ADDR] [--server-netns NS] [--client-netns NS]\n"
+      "                   [--serve-only]\n"
       "       ferry_bench serve-raw-echo|serve-raw-sink|serve-grpc --listen ADDR\n"
       "       ferry_bench nbd-write --socket PATH [--export NAME] --depth QD --mib N\n"
       "       ferry_bench rows\n",
@@ -211,7 +226,7 @@ int measure(int argc, char** argv) {
   std::vector<std::string> positional;
   std::map<std::string, std::string> flags;
   if (!parse_flags(argc, argv, 2, positional, flags, {"quick", "serve-only"},
-                   {"side", "ferryd", "addr", "server-netns", "client-netns"})) {
+                   {"side", "ferryd", "relay", "addr", "server-netns", "client-netns"})) {
     return usage("bad arguments to measure");
   }
   if (positional.size() != 1) return usage("measure takes exactly one ROW");
@@ -221,18 +236,22 @@ int measure(int argc, char** argv) {
   }
   if (!row) return usage(("unknown row " + positional[0]).c_str());
   std::string side = flags["side"];
-  if (side != "ferry" && side != "baseline") return usage("--side must be ferry or baseline");
+  if (side != "ferry" && side != "baseline" && side != "baseline2")
+    return usage("--side must be ferry, baseline or baseline2");
+  if (side == "baseline2" && !row->baseline2) return usage("this row has no second baseline");
 
   CaseOptions options;
   options.quick = flags.contains("quick");
   options.serve_only = flags.contains("serve-only");
   options.ferryd = flags["ferryd"];
+  options.relay = flags["relay"];
   options.addr = flags["addr"];
   options.server_netns = flags["server-netns"];
   if (!flags["client-netns"].empty()) enter_netns(flags["client-netns"]);
   if (!options.addr.empty()) Address::parse(options.addr);  // reject typos before starting
 
-  Measurement m = side == "ferry" ? row->ferry(options) : row->baseline(options);
+  const auto& run_side = side == "ferry" ? row->ferry : side == "baseline" ? row->baseline : row->baseline2;
+  Measurement m = run_side(options);
   if (options.serve_only) return 0;
   std::printf("{\"value\": %.10g, \"unit\": %s, \"note\": %s}\n", m.value,
               json_string(m.unit).c_str(), json_string(m.note).c_str());

@@ -9,22 +9,13 @@
 // they are stopped and reaped also when a measurement throws.
 #include "bench/nbd_cases.h"
 
-#include <fcntl.h>
-#include <signal.h>
-#include <sys/prctl.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cerrno>
-#include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <optional>
 #include <sstream>
 #include <stdexcept>
@@ -35,9 +26,8 @@
 
 #include "bench/harness.h"
 #include "bench/nbd_writer.h"
+#include "bench/tools.h"
 #include "tests/material/tls_material.h"
-
-extern char** environ;
 
 namespace ferry::bench {
 namespace {
@@ -53,206 +43,6 @@ const std::vector<std::string> bulk_flags = {"-C",           "4",      "-T",    
 constexpr const char* bulk_flags_text = "nbdcopy -C 4 -T 4 --requests 64 --request-size 256K --queue-size 64M";
 
 constexpr std::uint64_t delay_request_bytes = 128 * 1024;
-
-// A tool from PATH, or from the sbin directories PATH may lack; empty when
-// it is not installed.
-std::string find_tool(const std::string& name) {
-  std::string dirs = std::getenv("PATH") ? std::getenv("PATH") : "";
-  dirs += ":/usr/bin:/usr/sbin:/bin:/sbin:/usr/local/bin:/usr/local/sbin";
-  std::stringstream in(dirs);
-  for (std::string dir; std::getline(in, dir, ':');) {
-    if (dir.empty()) continue;
-    const std::string path = dir + "/" + name;
-    if (::access(path.c_str(), X_OK) == 0) return path;
-  }
-  return {};
-}
-
-std::string need_tool(const std::string& name, const std::string& package) {
-  std::string path = find_tool(name);
-  if (path.empty()) throw Unavailable(name + " not installed (" + package + ")");
-  return path;
-}
-
-std::string cli_path(const CaseOptions& options) {
-  if (options.ferryd.empty()) throw std::runtime_error("ferryd path not given (pass --ferryd)");
-  const auto path = fs::path(options.ferryd).parent_path().parent_path() / "client" / "ferry";
-  if (!fs::exists(path)) throw std::runtime_error("ferry CLI not found at " + path.string());
-  return path.string();
-}
-
-std::string describe_status(int status) {
-  if (WIFEXITED(status)) return "exit status " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) return std::string("killed by ") + ::strsignal(WTERMSIG(status));
-  return "wait status " + std::to_string(status);
-}
-
-std::string read_text(const std::string& path) {
-  std::ifstream in(path);
-  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-std::string last_line(const std::string& text) {
-  std::string last;
-  std::stringstream in(text);
-  for (std::string line; std::getline(in, line);)
-    if (!line.empty()) last = line;
-  return last;
-}
-
-// A child process: started with fork/exec, argv[0] an absolute path. Its
-// stdout goes to our stderr (our stdout carries the JSON line), or its
-// stdout and stderr both go to `log`. It gets PR_SET_PDEATHSIG, like
-// spawn_server's children. Destruction (or stop()) sends SIGTERM, waits up
-// to two seconds, then SIGKILLs and reaps.
-class Proc {
- public:
-  Proc() = default;
-  explicit Proc(std::vector<std::string> argv, const std::string& log = {}) : name_(fs::path(argv.at(0)).filename()) {
-    // Built before fork(): between fork and exec only async-signal-safe
-    // calls are allowed, and this process may have threads.
-    std::vector<char*> args;
-    for (auto& a : argv) args.push_back(a.data());
-    args.push_back(nullptr);
-    const pid_t parent = ::getpid();
-    const pid_t pid = ::fork();
-    if (pid < 0) throw std::runtime_error("fork: " + std::string(std::strerror(errno)));
-    if (pid == 0) {
-      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-      if (::getppid() != parent) ::_exit(127);
-      if (log.empty()) {
-        ::dup2(STDERR_FILENO, STDOUT_FILENO);
-      } else {
-        const int fd = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (fd < 0) ::_exit(127);
-        ::dup2(fd, STDOUT_FILENO);
-        ::dup2(fd, STDERR_FILENO);
-      }
-      ::execve(args[0], args.data(), environ);
-      const char msg[] = "ferry_bench: exec failed\n";
-      ssize_t ignored = ::write(STDERR_FILENO, msg, sizeof msg - 1);
-      (void)ignored;
-      ::_exit(127);
-    }
-    pid_ = pid;
-  }
-  Proc(Proc&& other) noexcept
-      : pid_(std::exchange(other.pid_, -1)), status_(other.status_), name_(std::move(other.name_)) {}
-  Proc& operator=(Proc&& other) noexcept {
-    if (this != &other) {
-      stop();
-      pid_ = std::exchange(other.pid_, -1);
-      status_ = other.status_;
-      name_ = std::move(other.name_);
-    }
-    return *this;
-  }
-  Proc(const Proc&) = delete;
-  Proc& operator=(const Proc&) = delete;
-  ~Proc() { stop(); }
-
-  pid_t pid() const { return pid_; }
-  const std::string& name() const { return name_; }
-  int status() const { return status_; }
-
-  // Reaps the child if it has ended; true once it has.
-  bool exited() {
-    if (pid_ < 0) return true;
-    int status = 0;
-    const pid_t r = ::waitpid(pid_, &status, WNOHANG);
-    if (r == pid_) {
-      status_ = status;
-      pid_ = -1;
-      return true;
-    }
-    return false;
-  }
-  // Blocks until the child ends; its wait status.
-  int wait() {
-    if (pid_ < 0) return status_;
-    int status = 0;
-    while (::waitpid(pid_, &status, 0) < 0 && errno == EINTR) {
-    }
-    status_ = status;
-    pid_ = -1;
-    return status_;
-  }
-  // Waits and throws unless the child exited with status 0.
-  void check(const std::string& what) {
-    const int status = wait();
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-      throw std::runtime_error(what + " failed (" + describe_status(status) + ")");
-  }
-  void stop() {
-    if (pid_ < 0) return;
-    ::kill(pid_, SIGTERM);
-    const auto deadline = Clock::now() + std::chrono::seconds(2);
-    while (!exited()) {
-      if (Clock::now() >= deadline) {
-        ::kill(pid_, SIGKILL);
-        wait();
-        return;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    }
-  }
-
- private:
-  pid_t pid_ = -1;
-  int status_ = 0;
-  std::string name_;
-};
-
-// Returns once `server` accepts connections on the unix socket `path`;
-// throws if it exits first or takes longer than 20 s.
-void wait_for_socket(Proc& server, const std::string& path) {
-  const auto deadline = Clock::now() + std::chrono::seconds(20);
-  const Address address = Address::parse("unix:" + path);
-  for (;;) {
-    if (server.exited())
-      throw std::runtime_error(server.name() + " exited (" + describe_status(server.status()) +
-                               ") before listening on " + path);
-    if (fs::exists(path)) {
-      try {
-        Fd probe = connect_to(address);
-        // A well-behaved client that leaves at once (fixed newstyle,
-        // NBD_OPT_ABORT), so the server logs no broken handshake.
-        unsigned char greeting[18];
-        if (read_exact(probe.get(), greeting, sizeof greeting)) {
-          unsigned char abort[20];
-          put_be32(abort, 3);  // NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES
-          std::memcpy(abort + 4, "IHAVEOPT", 8);
-          put_be32(abort + 12, 2);  // NBD_OPT_ABORT
-          put_be32(abort + 16, 0);
-          // MSG_NOSIGNAL: a server gone meanwhile is an error, not SIGPIPE.
-          if (::send(probe.get(), abort, sizeof abort, MSG_NOSIGNAL) == static_cast<ssize_t>(sizeof abort)) {
-            unsigned char reply[20];
-            read_exact(probe.get(), reply, sizeof reply);  // the server's ACK, if it sends one
-          }
-        }
-        return;
-      } catch (const std::exception&) {
-      }
-    }
-    if (Clock::now() > deadline) throw std::runtime_error(server.name() + " did not listen on " + path + " in 20 s");
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-}
-
-// Returns once `text` appears in `log`, which `proc` writes; throws with the
-// log's last line if the process exits first or 20 s pass.
-void wait_for_log(Proc& proc, const std::string& log, const std::string& text) {
-  const auto deadline = Clock::now() + std::chrono::seconds(20);
-  for (;;) {
-    if (read_text(log).find(text) != std::string::npos) return;
-    if (proc.exited())
-      throw std::runtime_error(proc.name() + " exited (" + describe_status(proc.status()) + "): " +
-                               last_line(read_text(log)));
-    if (Clock::now() > deadline)
-      throw std::runtime_error(proc.name() + " did not print '" + text + "' in 20 s: " + last_line(read_text(log)));
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-}
 
 // Threads of `pid` from /proc/PID/status; 0 once it is gone.
 int threads_of(pid_t pid) {
@@ -297,11 +87,6 @@ class ThreadPeak {
   std::thread sampler_;
 };
 
-void make_sparse_file(const std::string& path, std::uint64_t size) {
-  { std::ofstream out(path, std::ios::trunc); }
-  fs::resize_file(path, size);
-}
-
 std::string nbd_uri(const std::string& socket, const std::string& export_name) {
   return "nbd+unix:///" + export_name + "?socket=" + socket;
 }
@@ -320,16 +105,6 @@ double timed_copy(const std::vector<std::string>& argv) {
   Proc copy(argv);
   copy.check("nbdcopy");
   return seconds_since(begin);
-}
-
-double mb_per_s(std::uint64_t bytes, double seconds) { return static_cast<double>(bytes) / 1e6 / seconds; }
-
-std::string mib(std::uint64_t bytes) { return std::to_string(bytes >> 20) + " MiB"; }
-
-std::string fixed(double v, int decimals = 0) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.*f", decimals, v);
-  return buf;
 }
 
 // The data of the bulk rows: a volume file in a pool directory (dense for
