@@ -469,7 +469,12 @@ TEST(Relay, BufferBoundsMemory) {
   EXPECT_EQ(received, total);
   EXPECT_TRUE(received_eof);
   EXPECT_GT(max_rss, 0u);
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  // Sanitizers keep freed memory in quarantine and shadow every byte: the
+  // plain build checks the ceiling; here the stall above shows the bound.
+#else
   EXPECT_LT(max_rss, buffer * 2 + 64 * kMiB) << "relay RSS " << max_rss / kMiB << " MiB";
+#endif
   std::printf("relay: stalled after %llu MiB, max RSS %llu MiB\n", static_cast<unsigned long long>(stalled_at / kMiB),
               static_cast<unsigned long long>(max_rss / kMiB));
 }
