@@ -598,8 +598,11 @@ class CopyOut : public std::enable_shared_from_this<CopyOut> {
     const auto at = next_send_;
     next_send_ += std::chrono::duration_cast<Clock::duration>(
         std::chrono::duration<double>(static_cast<double>(bytes) / static_cast<double>(call_.bandwidth())));
-    if (at > now) {
-      asio::steady_timer timer(strand_, at);
+    // In short steps, so a cancel is not kept waiting behind the cap.
+    asio::steady_timer timer(strand_);
+    while (Clock::now() < at) {
+      if (stop_) throw *stop_;
+      timer.expires_at(std::min(at, Clock::now() + std::chrono::milliseconds(20)));
       co_await timer.async_wait(asio::use_awaitable);
     }
   }
