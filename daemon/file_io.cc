@@ -308,6 +308,16 @@ asio::awaitable<bool> FileIo::punch_hole(int fd, std::uint64_t offset, std::uint
   co_return true;
 }
 
+asio::awaitable<void> FileIo::zero_range(int fd, std::uint64_t offset, std::uint64_t length) {
+  if (co_await punch_hole(fd, offset, length)) co_return;
+  static const std::vector<std::uint8_t> zeros(1u << 20);
+  for (std::uint64_t done = 0; done < length;) {
+    const std::uint64_t n = std::min<std::uint64_t>(zeros.size(), length - done);
+    co_await write(fd, std::span<const std::uint8_t>(zeros.data(), n), offset + done);
+    done += n;
+  }
+}
+
 asio::awaitable<void> FileIo::datasync(int fd) {
   const int rc = co_await submit({Request::Op::datasync, fd, nullptr, 0, 0});
   if (rc < 0) throw io_error(-rc, "fdatasync", fd);

@@ -58,6 +58,9 @@ class FileIo {
   // fallocate(PUNCH_HOLE | KEEP_SIZE); returns false if the filesystem
   // cannot punch (the caller writes zeros instead).
   asio::awaitable<bool> punch_hole(int fd, std::uint64_t offset, std::uint64_t length);
+  // Makes [offset, offset+length) read as zeros: a punched hole, or written
+  // zeros where the filesystem cannot punch.
+  asio::awaitable<void> zero_range(int fd, std::uint64_t offset, std::uint64_t length);
   asio::awaitable<void> datasync(int fd);
 
   // Runs blocking `fn` on the pool; its result or exception comes back.

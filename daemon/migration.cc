@@ -853,15 +853,8 @@ std::shared_ptr<rpc::Program> Migration::Impl::program() {
             // Over bytes an earlier, broken copy may have written.
             const std::uint64_t len = item.length;
             co_await pipeline.room();
-            pipeline.start([io, file, at, len]() -> asio::awaitable<void> {
-              if (co_await io->punch_hole(file->fd, at, len)) co_return;
-              static const std::vector<std::uint8_t> zeros(1u << 20);
-              for (std::uint64_t done = 0; done < len;) {
-                const std::uint64_t n = std::min<std::uint64_t>(zeros.size(), len - done);
-                co_await io->write(file->fd, std::span<const std::uint8_t>(zeros.data(), n), at + done);
-                done += n;
-              }
-            });
+            pipeline.start(
+                [io, file, at, len]() -> asio::awaitable<void> { co_await io->zero_range(file->fd, at, len); });
           }
         }
         pos += item.length;

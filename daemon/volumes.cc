@@ -666,16 +666,8 @@ std::shared_ptr<rpc::Program> VolumeService::program() {
             const std::uint64_t len = std::min(item.length, old_size - pos);
             const std::uint64_t at = pos;
             co_await pipeline.room();
-            pipeline.start([io, out, at, len]() -> asio::awaitable<void> {
-              if (co_await io->punch_hole(out->fd, at, len)) co_return;
-              // No punching here: write zeros, so the range reads right.
-              static const std::vector<std::uint8_t> zeros(1u << 20);
-              for (std::uint64_t done = 0; done < len;) {
-                const std::uint64_t n = std::min<std::uint64_t>(zeros.size(), len - done);
-                co_await io->write(out->fd, std::span<const std::uint8_t>(zeros.data(), n), at + done);
-                done += n;
-              }
-            });
+            pipeline.start(
+                [io, out, at, len]() -> asio::awaitable<void> { co_await io->zero_range(out->fd, at, len); });
           }
         }
         pos += item.length;
