@@ -378,7 +378,6 @@ class Migration::Impl : public std::enable_shared_from_this<Migration::Impl> {
   void watch(std::shared_ptr<Session> s) {
     auto timer = std::make_shared<asio::steady_timer>(server_.next_io_context());
     auto self = shared_from_this();
-    std::function<void()> tick;
     auto step = std::make_shared<std::function<void()>>();
     *step = [self, s, timer, step] {
       timer->expires_after(std::chrono::milliseconds(250));
