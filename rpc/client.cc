@@ -4,6 +4,8 @@
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/steady_timer.hpp>
 #include <map>
+#include <mutex>
+#include <utility>
 #include <spdlog/spdlog.h>
 #include <unordered_map>
 
@@ -239,6 +241,10 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
       }
       return;
     }
+    // Held while the handler runs, so that replacing it waits for a call in
+    // progress: a handler that captures a caller's locals can be swapped out
+    // before they go. Recursive: a handler may replace itself.
+    std::lock_guard dispatch(dispatch_mutex_);
     std::function<void(const Buffer&)> fn;
     {
       std::lock_guard lock(mutex_);
@@ -274,8 +280,10 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
   }
 
   void set_message_handler(std::uint32_t program, std::uint32_t procedure, std::function<void(const Buffer&)> fn) {
+    std::function<void(const Buffer&)> old;
+    std::lock_guard dispatch(dispatch_mutex_);
     std::lock_guard lock(mutex_);
-    message_handlers_[{program, procedure}] = std::move(fn);
+    old = std::exchange(message_handlers_[{program, procedure}], std::move(fn));
   }
 
   std::size_t in_flight() const {
@@ -305,6 +313,7 @@ class ClientCore final : public FrameHandler, public std::enable_shared_from_thi
   };
 
   mutable std::mutex mutex_;
+  std::recursive_mutex dispatch_mutex_;  // taken before mutex_, never after
   std::unordered_map<Serial, Pending> pending_;
   Serial next_serial_ = 1;
   std::optional<Error> closed_reason_;

@@ -177,8 +177,11 @@ class Client {
     return async_call<P>(call, std::move(options), asio::use_future);
   }
 
-  // Registers a handler for a server-pushed MESSAGE procedure. It runs on
-  // the connection's strand: keep it short.
+  // Registers a handler for a server-pushed MESSAGE procedure, replacing
+  // the previous one. It runs on the connection's strand: keep it short.
+  // When on_message returns, the handler it replaced is not running and will
+  // not run again, so a handler may capture locals that a later
+  // on_message (for example one with an empty handler) detaches it from.
   template <class P>
   void on_message(std::function<void(typename P::Call)> handler) {
     static_assert(P::message, "on_message takes a MESSAGE procedure");

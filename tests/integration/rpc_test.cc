@@ -279,6 +279,30 @@ TEST_P(RpcTest, ServerPushedMessagesReachTheRegisteredCallback) {
   EXPECT_EQ(seen, (std::vector<std::uint32_t>{0, 1, 2, 3, 4}));
 }
 
+TEST_P(RpcTest, ReplacingAMessageHandlerWaitsForTheRunningOne) {
+  // A caller detaches a handler that captures its locals before they go
+  // (the CLI's vol-copy does): the detach must not return while the old
+  // handler still runs on the connection's strand.
+  FerrydProcess server;
+  Client client = connect(server);
+  std::atomic<bool> entered{false}, left{false};
+  client.on_message<TestSvc::NoticeEvent>([&](test::v1::Notice) {
+    entered = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    left = true;
+  });
+  test::v1::NotifyCall call;
+  call.set_count(1);
+  call.set_text("slow handler");
+  auto reply = client.call_future<TestSvc::Notify>(call);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!entered && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_TRUE(entered.load());
+  client.on_message<TestSvc::NoticeEvent>([](test::v1::Notice) {});
+  EXPECT_TRUE(left.load()) << "on_message returned while the handler it replaced was still running";
+  EXPECT_EQ(reply.get().sent(), 1u);
+}
+
 TEST_P(RpcTest, UnknownProgramProcedureAndVersionAreUnimplementedAndTheConnectionLives) {
   FerrydProcess server;
   Client client = connect(server);
