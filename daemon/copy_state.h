@@ -16,37 +16,19 @@
 // copy is verified to its end.
 #pragma once
 
-#include <array>
 #include <cstdint>
 #include <map>
 #include <optional>
-#include <span>
 #include <string>
+
+#include "stream/digest.h"
 
 namespace ferry::daemon {
 
-using Digest = std::array<std::uint8_t, 16>;
-std::string digest_hex(const Digest& d);
-std::string digest_hex(std::span<const std::uint8_t> d);
-
-// XXH3-128 of an extent's logical bytes, fed in order: data as it is, a
-// hole as its zeros.
-class ExtentHasher {
- public:
-  ExtentHasher();
-  ~ExtentHasher();
-  ExtentHasher(const ExtentHasher&) = delete;
-  ExtentHasher& operator=(const ExtentHasher&) = delete;
-  void data(std::span<const std::uint8_t> bytes);
-  void zeros(std::uint64_t length);
-  Digest digest() const;
-
- private:
-  void* state_;
-};
-
-// XXH3-128 over extent digests in order: one digest for a whole volume.
-Digest combine_digests(const std::map<std::uint64_t, Digest>& extents);
+using stream::combine_digests;
+using stream::Digest;
+using stream::digest_hex;
+using stream::ExtentHasher;
 
 struct CopyState {
   std::uint64_t capacity = 0;

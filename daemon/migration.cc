@@ -407,6 +407,26 @@ class Migration::Impl : public std::enable_shared_from_this<Migration::Impl> {
   void shutdown(std::chrono::milliseconds grace);
 };
 
+// The digest of [offset, end) of a volume file, read the way a copy reads it.
+asio::awaitable<Digest> hash_range(asio::any_io_executor ex, FileIo* io, std::shared_ptr<Fd> file, std::uint64_t offset,
+                                   std::uint64_t end, unsigned depth, rpc::BufferPool* pool, std::string what) {
+  RangeReader::Options o;
+  o.chunk = 1u << 20;
+  o.depth = depth;
+  o.detect_zeros = true;
+  RangeReader reader(ex, io, std::move(file), offset, end, o, pool, std::move(what));
+  ExtentHasher h;
+  for (;;) {
+    RangeReader::Piece piece = co_await reader.next();
+    if (piece.kind == RangeReader::Piece::Kind::end) break;
+    if (piece.kind == RangeReader::Piece::Kind::hole)
+      h.zeros(piece.length);
+    else
+      h.data(piece.data.span());
+  }
+  co_return h.digest();
+}
+
 // ---------------------------------------------------------------------------
 // The source side: one copy job.
 
@@ -575,18 +595,9 @@ class CopyOut : public std::enable_shared_from_this<CopyOut> {
   }
 
   asio::awaitable<Digest> hash_extent(std::uint64_t i) {
-    RangeReader reader(strand_, &impl_->volumes_.file_io(), file_, extent_offset(i), extent_offset(i) + extent_length(i),
-                       read_options(1u << 20), impl_->server_.buffer_pool().get(), "volume " + ref_text(call_.source()));
-    ExtentHasher h;
-    for (;;) {
-      RangeReader::Piece piece = co_await reader.next();
-      if (piece.kind == RangeReader::Piece::Kind::end) break;
-      if (piece.kind == RangeReader::Piece::Kind::hole)
-        h.zeros(piece.length);
-      else
-        h.data(piece.data.span());
-    }
-    co_return h.digest();
+    co_return co_await hash_range(strand_, &impl_->volumes_.file_io(), file_, extent_offset(i),
+                                  extent_offset(i) + extent_length(i), impl_->options_.depth,
+                                  impl_->server_.buffer_pool().get(), "volume " + ref_text(call_.source()));
   }
 
   // Spends `bytes` of the bandwidth cap, waiting as long as it takes.
@@ -971,6 +982,36 @@ std::shared_ptr<rpc::Program> Migration::Impl::program() {
     auto out = std::make_shared<CopyOut>(self, job, call, self->server_.next_io_context());
     out->start(std::move(file), capacity);
     co_return self->jobs_.info(job->info.id());
+  });
+
+  program->on<v1::Migration::ExtentDigests>([self, io](const v1::ExtentDigestsCall& call,
+                                                       rpc::CallContext& ctx) -> asio::awaitable<v1::ExtentDigestsReply> {
+    const auto& p = self->volumes_.find_pool(call.volume().pool());
+    validate_volume_name(call.volume().name());
+    const std::uint64_t extent = call.extent_size();
+    if (extent < 4096 || extent > (1ull << 34) || extent % 4096)
+      throw migration_error(Code::invalid_argument, "extent size " + std::to_string(extent) +
+                                                        " is not a multiple of 4096 between 4 KiB and 16 GiB");
+    struct stat st {};
+    auto file = self->volumes_.open_file(p, call.volume().name(), O_RDONLY, &st);
+    const auto capacity = static_cast<std::uint64_t>(st.st_size);
+    const std::uint64_t extents = (capacity + extent - 1) / extent;
+    if (call.first() > extents)
+      throw migration_error(Code::out_of_range, "extent " + std::to_string(call.first()) + " is past the end of " +
+                                                    ref_text(call.volume()) + " (" + std::to_string(extents) + " extents)");
+    const std::uint64_t last = call.count() ? std::min(extents, call.first() + call.count()) : extents;
+    v1::ExtentDigestsReply reply;
+    reply.set_capacity(capacity);
+    const std::string what = "volume " + ref_text(call.volume());
+    for (std::uint64_t i = call.first(); i < last; ++i) {
+      if (ctx.cancelled()) throw Error(Code::cancelled, "extent digests cancelled by the client", "migration");
+      const Digest d = co_await hash_range(ctx.executor(), io, file, i * extent, std::min(capacity, (i + 1) * extent),
+                                           self->options_.depth, self->server_.buffer_pool().get(), what);
+      auto* e = reply.add_digests();
+      e->set_index(i);
+      e->set_digest(from_digest(d));
+    }
+    co_return reply;
   });
 
   // ---- jobs ----

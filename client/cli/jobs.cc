@@ -1,5 +1,7 @@
 #include "client/cli/jobs.h"
 
+#include <unistd.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <cstdio>
@@ -7,6 +9,7 @@
 #include <map>
 #include <mutex>
 
+#include "client/copy.h"
 #include "ferry/v1/migration.ferry.h"
 #include "rpc/endpoint.h"
 
@@ -20,11 +23,15 @@ Error bad_end(const std::string& text, const std::string& why) {
   return Error(Code::invalid_argument,
                "'" + text + "' is not a copy end (" + why +
                    "); write ferry+unix:///SOCKET/POOL/NAME, ferry+tcp://HOST:PORT/POOL/NAME, "
-                   "ferry+tls://HOST:PORT/POOL/NAME, or POOL/NAME on the -c daemon",
+                   "ferry+tls://HOST:PORT/POOL/NAME, POOL/NAME on the -c daemon, a local file (/PATH, ./PATH, "
+                   "file:PATH) or an NBD URI (nbd://, nbd+unix://)",
                "client");
 }
 
-std::string end_text(const CopyEnd& e) { return e.uri + "/" + e.volume.pool + "/" + e.volume.name; }
+std::string end_text(const CopyEnd& e) {
+  if (e.local()) return e.uri;
+  return e.uri + "/" + e.volume.pool + "/" + e.volume.name;
+}
 
 std::string hex_of(const std::string& bytes) {
   std::string hex;
@@ -40,6 +47,19 @@ std::string hex_of(const std::string& bytes) {
 
 CopyEnd parse_copy_end(const std::string& text, const std::string& default_uri) {
   CopyEnd out;
+  auto starts = [&](const char* prefix) { return text.rfind(prefix, 0) == 0; };
+  if (starts("/") || starts("./") || starts("../") || starts("file:")) {
+    out.kind = CopyEnd::Kind::file;
+    out.uri = starts("file://") ? text.substr(7) : starts("file:") ? text.substr(5) : text;
+    if (out.uri.empty()) throw bad_end(text, "no file path");
+    return out;
+  }
+  if (starts("nbd://") || starts("nbds://") || starts("nbd+unix://") || starts("nbds+unix://") ||
+      starts("nbd+vsock://") || starts("nbds+vsock://")) {
+    out.kind = CopyEnd::Kind::nbd;
+    out.uri = text;
+    return out;
+  }
   const auto scheme_end = text.find("://");
   if (scheme_end == std::string::npos) {
     out.uri = default_uri;
@@ -122,7 +142,103 @@ std::string job_line(const v1::JobStatus& j) {
   return line;
 }
 
+namespace {
+
+// One end here: this process moves the data (client/copy.h).
+int run_local_copy(Session& session, const CopyRequest& request, const JobOutput& out) {
+  const bool to_volume = request.source.local();
+  const CopyEnd& local = to_volume ? request.source : request.destination;
+  const CopyEnd& remote = to_volume ? request.destination : request.source;
+  LocalCopyOptions options;
+  options.resume = request.resume;
+  options.overwrite = request.overwrite;
+  options.bandwidth = request.bandwidth;
+  options.extent_size = request.extent_size;
+  options.parallel = request.parallel;
+  options.no_sync = request.no_sync;
+  options.interrupted = out.interrupted;
+  char host[256] = {};
+  if (::gethostname(host, sizeof host - 1) != 0) std::snprintf(host, sizeof host, "localhost");
+  options.source_text = to_volume ? std::string(host) + ":" + local.uri : end_text(remote);
+
+  std::unique_ptr<LocalDisk> disk;
+  if (to_volume) {
+    disk = local.kind == CopyEnd::Kind::file ? open_file_source(local.uri) : open_nbd_disk(local.uri, false);
+  } else {
+    const auto info = session.vol_info(remote.volume.pool, remote.volume.name);
+    if (!info.state().empty())
+      throw Error(Code::failed_precondition,
+                  "volume " + remote.volume.pool + "/" + remote.volume.name + " is " + info.state() + " (" +
+                      info.state_detail() + "): finish that copy first",
+                  "client");
+    if (info.capacity() == 0)
+      throw Error(Code::failed_precondition,
+                  "volume " + remote.volume.pool + "/" + remote.volume.name + " is empty: nothing to copy", "client");
+    disk = local.kind == CopyEnd::Kind::file
+               ? open_file_destination(local.uri, info.capacity(), options.source_text, request.overwrite, request.resume)
+               : open_nbd_disk(local.uri, true, info.capacity());
+  }
+
+  ProgressBar bar(out.progress, "copy " + (to_volume ? local.uri : remote.volume.pool + "/" + remote.volume.name));
+  LocalCopyResult done;
+  try {
+    auto progress = [&](const Progress& p) { bar.update(p); };
+    done = to_volume ? copy_to_volume(session, *disk, remote.volume.pool, remote.volume.name, options, progress)
+                     : copy_from_volume(session, remote.volume.pool, remote.volume.name, *disk, options, progress);
+  } catch (...) {
+    bar.clear();
+    throw;
+  }
+  bar.clear();
+  const double secs = std::chrono::duration<double>(done.elapsed).count();
+  if (out.json) {
+    Json j;
+    if (!done.job.empty()) j.field("id", done.job);
+    j.field("kind", to_volume ? "copy-to-volume" : "copy-from-volume")
+        .field("source", end_text(request.source))
+        .field("destination", end_text(request.destination))
+        .field("state", "completed")
+        .field("total_bytes", done.total_bytes)
+        .field("done_bytes", done.total_bytes)
+        .field("data_bytes", done.data_bytes)
+        .field("hole_bytes", done.hole_bytes)
+        .field("skipped_bytes", done.skipped_bytes)
+        .field("extents_total", done.extents)
+        .field("extents_done", done.extents)
+        .field("resumed", done.skipped_bytes > 0)
+        .field("digest", hex_of(done.digest))
+        .field("seconds", secs)
+        .field("logical_bytes_per_second", secs > 0 ? static_cast<double>(done.total_bytes) / secs : 0.0);
+    std::printf("%s\n", j.str().c_str());
+    return 0;
+  }
+  if (out.quiet) return 0;
+  std::printf("copied %s to %s: %s (%s data, %s holes) in %s, %s\n", end_text(request.source).c_str(),
+              end_text(request.destination).c_str(), human_size(done.total_bytes).c_str(),
+              human_size(done.data_bytes).c_str(), human_size(done.hole_bytes).c_str(), human_duration(secs).c_str(),
+              human_rate(secs > 0 ? static_cast<double>(done.total_bytes) / secs : 0).c_str());
+  if (done.skipped_bytes)
+    std::printf("resumed: %s was already at the destination, verified against the source and not sent again\n",
+                human_size(done.skipped_bytes).c_str());
+  std::printf("verified: %llu extents, XXH3-128 per extent, volume digest %s\n",
+              static_cast<unsigned long long>(done.extents), hex_of(done.digest).c_str());
+  return 0;
+}
+
+}  // namespace
+
 int run_vol_copy(Session& session, const CopyRequest& request, const JobOutput& out) {
+  if (request.source.local() && request.destination.local())
+    throw Error(Code::invalid_argument,
+                "both ends of this copy are local; one end of vol-copy must be a volume on a ferryd (nbdcopy or "
+                "qemu-img convert copy between local disks)",
+                "client");
+  if (request.source.local() || request.destination.local()) {
+    if (request.detach)
+      throw Error(Code::invalid_argument, "--detach needs both ends on daemons: with a local end, ferry moves the data itself",
+                  "client");
+    return run_local_copy(session, request, out);
+  }
   auto& client = session.rpc();
   std::mutex mutex;
   std::condition_variable cv;

@@ -12,13 +12,19 @@
 
 namespace ferry::cli {
 
-// One end of a copy: a volume on a daemon.
+// One end of a copy: a volume on a daemon,
 //   ferry+unix:///run/ferry/ferryd.sock/POOL/NAME   (the socket path, then pool and name)
 //   ferry+tcp://host:port/POOL/NAME, ferry+tls://host:port/POOL/NAME
 //   POOL/NAME or NAME                               (on the -c daemon)
+// or, for one of the two ends, a disk local to the CLI:
+//   /path/file, ./file, ../file, file:PATH          (a regular file)
+//   nbd://..., nbds://..., nbd+unix://..., nbds+unix://...  (an NBD export)
 struct CopyEnd {
-  std::string uri;  // the daemon
+  enum class Kind { volume, file, nbd };
+  Kind kind = Kind::volume;
+  std::string uri;  // the daemon (volume), the path (file) or the NBD URI
   VolumeName volume;
+  bool local() const { return kind != Kind::volume; }
 };
 // Throws ferry::Error(INVALID_ARGUMENT) naming what is wrong.
 CopyEnd parse_copy_end(const std::string& text, const std::string& default_uri);
@@ -42,7 +48,8 @@ struct JobOutput {
   std::function<bool()> interrupted;  // Ctrl-C: cancel the job
 };
 
-// `session` is connected to the source daemon.
+// `session` is connected to the source daemon, or to the daemon of the
+// volume end when the other end is local.
 int run_vol_copy(Session& session, const CopyRequest& request, const JobOutput& out);
 int run_job_list(Session& session, const JobOutput& out);
 int run_job_info(Session& session, const std::string& id, const JobOutput& out);

@@ -483,12 +483,17 @@ int main(int argc, char** argv) {
   auto* vol_copy = app.add_subcommand(
       "vol-copy",
       "copy a volume from one daemon to another, directly between the daemons (the source daemon connects to the "
-      "destination with its own credentials); sparse, verified per extent, resumable");
+      "destination with its own credentials), or between a volume and a local file or NBD export (ferry moves the "
+      "data itself); sparse, verified per extent, resumable");
   vol_copy->add_option("source", copy_src,
                        "ferry+unix:///SOCKET/POOL/NAME, ferry+tcp://HOST:PORT/POOL/NAME, ferry+tls://HOST:PORT/POOL/NAME, "
-                       "or POOL/NAME on the -c daemon")
+                       "POOL/NAME on the -c daemon; or a local file (/PATH, ./PATH, file:PATH) or NBD URI "
+                       "(nbd://HOST:PORT/EXPORT, nbd+unix:///EXPORT?socket=PATH) when the other end is a volume")
       ->required();
-  vol_copy->add_option("destination", copy_dst, "the same forms; the address must be reachable from the source daemon")
+  vol_copy->add_option("destination", copy_dst,
+                       "the same forms; a daemon's address must be reachable from the source daemon; a local file is "
+                       "created (--overwrite replaces one, --resume continues into one), an NBD export must be at least "
+                       "the volume's size")
       ->required();
   vol_copy->add_flag("--resume", copy.resume,
                      "continue an incomplete copy: extents the destination committed are checked against the source "
@@ -571,7 +576,15 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "ferry: %s\n", e.what());
       return Exit::usage;
     }
-    uri = copy.source.uri;  // the job runs on the source daemon
+    // The job runs on the source daemon; with a local end, this process
+    // talks to the volume's daemon.
+    if (copy.source.local() && copy.destination.local()) {
+      std::fprintf(stderr,
+                   "ferry: both ends of this copy are local; one end of vol-copy must be a volume on a ferryd "
+                   "(nbdcopy or qemu-img convert copy between local disks)\n");
+      return Exit::usage;
+    }
+    uri = copy.source.local() ? copy.destination.uri : copy.source.uri;
   }
 
   g_interrupts.start();
