@@ -310,6 +310,21 @@ class Copy {
     std::lock_guard lock(mutex_);
     active_.erase(s);
   }
+  // Runs `body` with `s` tracked, so that a stop aborts it; a failure the
+  // daemon caused is reported with the daemon's reason, which says more
+  // than ours.
+  template <class F>
+  void over(const std::shared_ptr<stream::Stream>& s, F&& body) {
+    track(s);
+    try {
+      body();
+    } catch (...) {
+      untrack(s);
+      if (s->failed_by_peer() && s->error() && !stopped()) throw *s->error();
+      throw;
+    }
+    untrack(s);
+  }
 
   // Spends `bytes` of the bandwidth cap, in 20 ms steps so a stop is seen.
   void throttle(std::uint64_t bytes) {
@@ -494,10 +509,9 @@ LocalCopyResult copy_to_volume(Session& session, LocalDisk& source, const std::s
     call.set_offset(copy.offset(i));
     call.set_length(copy.length(i));
     auto s = stream::open<Migration::CopyWrite>(client, call);
-    copy.track(s.stream);
     ExtentHasher h;
     v1::CopyWriteReply reply;
-    try {
+    copy.over(s.stream, [&] {
       const std::size_t chunk = s.stream->limits().chunk_size;
       auto reader = source.reader(copy.offset(i), copy.length(i), chunk);
       rpc::BufferPool* pool_of = client.connection() ? &client.connection()->pool() : nullptr;
@@ -519,13 +533,7 @@ LocalCopyResult copy_to_volume(Session& session, LocalDisk& source, const std::s
       }
       s.stream->finish_sync();
       reply = s.reply_sync();
-    } catch (...) {
-      copy.untrack(s.stream);
-      // The daemon's reason, if it gave one, says more than ours.
-      if (s.stream->failed_by_peer() && s.stream->error() && !copy.stopped()) throw *s.stream->error();
-      throw;
-    }
-    copy.untrack(s.stream);
+    });
     const Digest mine = h.digest();
     if (reply.digest() != from_digest(mine))
       throw copy_error(Code::data_loss, "extent " + std::to_string(i) + ": the destination wrote digest " +
@@ -608,9 +616,8 @@ LocalCopyResult copy_from_volume(Session& session, const std::string& pool, cons
     call.set_length(copy.length(i));
     call.set_detect_zeros(true);
     auto s = stream::open<v1::Volume::VolDownload>(client, call);
-    copy.track(s.stream);
     ExtentHasher h;
-    try {
+    copy.over(s.stream, [&] {
       auto writer = destination.writer(copy.offset(i));
       for (;;) {
         copy.check();
@@ -626,14 +633,8 @@ LocalCopyResult copy_from_volume(Session& session, const std::string& pool, cons
         }
         copy.moved(item.length, item.kind == stream::Item::Kind::hole);
       }
-      const auto reply = s.reply_sync();
-      (void)reply;
-    } catch (...) {
-      copy.untrack(s.stream);
-      if (s.stream->failed_by_peer() && s.stream->error() && !copy.stopped()) throw *s.stream->error();
-      throw;
-    }
-    copy.untrack(s.stream);
+      s.reply_sync();  // throws the daemon's error, if the download ended with one
+    });
     const Digest mine = h.digest();
     const Digest source_digest = theirs();
     if (mine != source_digest)
