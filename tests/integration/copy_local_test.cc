@@ -318,9 +318,8 @@ class NbdServer {
 // ---------------------------------------------------------------------------
 // Local file -> volume, over the destination daemon's UNIX socket and TCP.
 
-class CopyLocalFileToVolume : public ::testing::TestWithParam<TransportKind> {};
-
-TEST_P(CopyLocalFileToVolume, CopiesASparseFileIntoAVolume) {
+// Plain tests, not TEST_P, so that every name starts with CopyLocal.
+void copies_a_sparse_file_into_a_volume(TransportKind transport) {
   TempDir files;
   FerrydProcess b;
   const std::uint64_t size = 128 * MiB;
@@ -328,7 +327,7 @@ TEST_P(CopyLocalFileToVolume, CopiesASparseFileIntoAVolume) {
   ASSERT_NO_FATAL_FAILURE(make_source(src, size, 7));
 
   // Text output.
-  auto r = ferry_cli(b.unix_uri(), {"vol-copy", src, b.uri(GetParam()) + "/default/v", "--extent-size", "4M",
+  auto r = ferry_cli(b.unix_uri(), {"vol-copy", src, b.uri(transport) + "/default/v", "--extent-size", "4M",
                                     "--parallel", "4"});
   ASSERT_EQ(r.rc, 0) << r.out << "\ndestination log:\n" << b.log();
   expect_text_summary(r, size / extent);
@@ -343,7 +342,7 @@ TEST_P(CopyLocalFileToVolume, CopiesASparseFileIntoAVolume) {
   EXPECT_EQ(json_field(job_of(b.unix_uri(), "copy-in"), "state"), "completed") << job_of(b.unix_uri(), "copy-in");
 
   // --json, into a second volume.
-  r = ferry_cli(b.unix_uri(), {"--json", "vol-copy", src, b.uri(GetParam()) + "/default/w", "--extent-size", "4M"});
+  r = ferry_cli(b.unix_uri(), {"--json", "vol-copy", src, b.uri(transport) + "/default/w", "--extent-size", "4M"});
   ASSERT_EQ(r.rc, 0) << r.out << "\ndestination log:\n" << b.log();
   expect_json_summary(r, size, allocated(src));
   EXPECT_TRUE(same_file(b.pool_dir() + "/w", src));
@@ -358,9 +357,8 @@ TEST_P(CopyLocalFileToVolume, CopiesASparseFileIntoAVolume) {
   EXPECT_TRUE(found) << "no completed copy-in job with digest " << json_field(r.out, "digest") << ":\n" << jobs.out;
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, CopyLocalFileToVolume,
-                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp),
-                         [](const auto& info) { return std::string(to_string(info.param)); });
+TEST(CopyLocalFileToVolume, OverUnix) { copies_a_sparse_file_into_a_volume(TransportKind::unix_socket); }
+TEST(CopyLocalFileToVolume, OverTcp) { copies_a_sparse_file_into_a_volume(TransportKind::tcp); }
 
 // ---------------------------------------------------------------------------
 // Volume -> local file.
