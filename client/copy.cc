@@ -585,29 +585,24 @@ LocalCopyResult copy_from_volume(Session& session, const std::string& pool, cons
   Copy copy(capacity, options);
 
   auto fetch = [&](std::uint64_t i) {
-    v1::ExtentDigestsCall ask;
-    ask.mutable_volume()->set_pool(pool);
-    ask.mutable_volume()->set_name(name);
-    ask.set_extent_size(copy.extent_size());
-    ask.set_first(i);
-    ask.set_count(1);
-    // The daemon reads the extent for its digest while it sends it.
-    auto theirs_future = client.call_future<v1::Migration::ExtentDigests>(ask);
-    auto theirs = [&] {
-      const auto reply = theirs_future.get();
+    if (options.resume) {
+      // What the file (or export) holds already, against the volume now.
+      v1::ExtentDigestsCall ask;
+      ask.mutable_volume()->set_pool(pool);
+      ask.mutable_volume()->set_name(name);
+      ask.set_extent_size(copy.extent_size());
+      ask.set_first(i);
+      ask.set_count(1);
+      auto theirs = client.call_future<v1::Migration::ExtentDigests>(ask);
+      const Digest mine = copy.hash_local(destination, i);
+      const auto reply = theirs.get();
       if (reply.capacity() != capacity)
         throw copy_error(Code::aborted, "volume " + pool + "/" + name + " changed size during the copy");
       if (reply.digests_size() != 1) throw copy_error(Code::internal, "no digest for extent " + std::to_string(i));
-      return to_digest(reply.digests(0).digest());
-    };
-    if (options.resume) {
-      const Digest mine = copy.hash_local(destination, i);
-      const Digest source_digest = theirs();
-      if (mine == source_digest) {
+      if (mine == to_digest(reply.digests(0).digest())) {
         copy.done(i, mine, true);
         return;
       }
-      theirs_future = client.call_future<v1::Migration::ExtentDigests>(ask);
     }
     v1::VolDownloadCall call;
     call.mutable_volume()->set_pool(pool);
@@ -615,8 +610,10 @@ LocalCopyResult copy_from_volume(Session& session, const std::string& pool, cons
     call.set_offset(copy.offset(i));
     call.set_length(copy.length(i));
     call.set_detect_zeros(true);
+    call.set_digest(true);  // the daemon hashes what it reads and sends, as a source daemon does
     auto s = stream::open<v1::Volume::VolDownload>(client, call);
     ExtentHasher h;
+    v1::VolDownloadReply reply;
     copy.over(s.stream, [&] {
       auto writer = destination.writer(copy.offset(i));
       for (;;) {
@@ -633,10 +630,14 @@ LocalCopyResult copy_from_volume(Session& session, const std::string& pool, cons
         }
         copy.moved(item.length, item.kind == stream::Item::Kind::hole);
       }
-      s.reply_sync();  // throws the daemon's error, if the download ended with one
+      reply = s.reply_sync();
     });
+    if (reply.capacity() != capacity)
+      throw copy_error(Code::aborted, "volume " + pool + "/" + name + " changed size during the copy");
+    if (reply.digest().size() != sizeof(Digest))
+      throw copy_error(Code::unimplemented, "the daemon does not send download digests (an older ferryd?)");
     const Digest mine = h.digest();
-    const Digest source_digest = theirs();
+    const Digest source_digest = to_digest(reply.digest());
     if (mine != source_digest)
       throw copy_error(Code::data_loss, "extent " + std::to_string(i) + ": received digest " + hex(mine) +
                                             ", the source's is " + hex(source_digest));

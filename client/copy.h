@@ -11,11 +11,11 @@
 //                   until then and a broken copy resumes from the extents
 //                   the daemon committed, each checked against this end.
 //   from a volume   a VolDownload per extent (several at once) written into
-//                   the disk, checked against the daemon's ExtentDigests of
-//                   the same extent; a file being written has a
+//                   the disk, checked against the digest the daemon made of
+//                   what it sent; a file being written has a
 //                   `FILE.ferry-copy` marker beside it until the copy is
 //                   verified, and --resume keeps every extent whose
-//                   contents already match the source's digest.
+//                   contents already match the daemon's ExtentDigests.
 //
 // Holes go as holes both ways (SEEK_DATA/SEEK_HOLE for files,
 // base:allocation block status for NBD, and all-zero chunks), every extent

@@ -746,16 +746,24 @@ std::shared_ptr<rpc::Program> VolumeService::program() {
                        "volume " + key);
     VolDownloadReply reply;
     reply.set_capacity(capacity);
+    std::optional<ExtentHasher> hasher;
+    if (call.digest()) hasher.emplace();
     for (;;) {
       RangeReader::Piece piece = co_await reader.next();
       if (piece.kind == RangeReader::Piece::Kind::end) break;
       if (piece.kind == RangeReader::Piece::Kind::hole) {
         reply.set_hole_bytes(reply.hole_bytes() + piece.length);
+        if (hasher) hasher->zeros(piece.length);
         co_await s.write_hole(piece.length);
       } else {
         reply.set_data_bytes(reply.data_bytes() + piece.length);
+        if (hasher) hasher->data(piece.data.span());
         co_await s.write(std::move(piece.data));
       }
+    }
+    if (hasher) {
+      const Digest d = hasher->digest();
+      reply.set_digest(std::string(d.begin(), d.end()));
     }
     (void)reading;
     co_return reply;
