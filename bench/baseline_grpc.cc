@@ -21,9 +21,17 @@
 
 #include <grpcpp/grpcpp.h>
 
+#include <algorithm>
+#include <atomic>
+#include <fstream>
 #include <memory>
+#include <optional>
+#include <sstream>
+#include <thread>
+#include <vector>
 
 #include "bench/proto/bench_echo.grpc.pb.h"
+#include "tests/material/tls_material.h"
 
 namespace ferry::bench {
 namespace {
@@ -172,6 +180,14 @@ std::string grpc_listen_address(const std::string& listen) {
   return listen;
 }
 
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw std::runtime_error("cannot read " + path);
+  std::ostringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
 struct ClientEchoCall {
   grpc::ClientContext context;
   EchoMessage response;
@@ -181,12 +197,18 @@ struct ClientEchoCall {
 
 }  // namespace
 
-int serve_grpc(const std::string& listen) {
+int serve_grpc(const std::string& listen, const std::string& cert, const std::string& key) {
   EchoService::AsyncService service;
   grpc::ServerBuilder builder;
   int port = 0;
   std::string address = grpc_listen_address(listen);
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &port);
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (!cert.empty()) {
+    grpc::SslServerCredentialsOptions ssl;
+    ssl.pem_key_cert_pairs.push_back({read_text_file(key), read_text_file(cert)});
+    credentials = grpc::SslServerCredentials(ssl);
+  }
+  builder.AddListeningPort(address, credentials, &port);
   builder.RegisterService(&service);
   std::unique_ptr<grpc::ServerCompletionQueue> cq = builder.AddCompletionQueue();
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
@@ -206,9 +228,9 @@ int serve_grpc(const std::string& listen) {
   return 0;
 }
 
-Measurement grpc_echo_inflight(const CaseOptions& options, int inflight) {
+Measurement grpc_echo_inflight(const CaseOptions& options, int inflight, bool tcp) {
   ScratchDir dir;
-  std::string listen = options.addr.empty() ? dir.unix_address("grpc.sock") : options.addr;
+  std::string listen = options.addr.empty() ? (tcp ? "tcp:127.0.0.1:0" : dir.unix_address("grpc.sock")) : options.addr;
   ChildProcess server =
       spawn_server({self_exe(), "serve-grpc", "--listen", listen}, options.server_netns);
 
@@ -287,15 +309,160 @@ Measurement grpc_echo_inflight(const CaseOptions& options, int inflight) {
               (listen.starts_with("unix:") ? "unix socket" : "tcp") + ", default args"};
 }
 
+namespace {
+
+// A gRPC peer (bench/proto EchoService) in a child process and one channel
+// to it, over TCP on loopback (or --addr), a unix socket, or TLS with
+// gRPC's own SSL credentials: a certificate for localhost from a CA made
+// for the run.
+struct GrpcPeer {
+  ScratchDir dir;
+  std::optional<testing::TlsMaterial> tls;
+  ChildProcess server;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<EchoService::Stub> stub;
+
+  GrpcPeer(const CaseOptions& options, bool tcp, bool use_tls) {
+    std::string listen = options.addr.empty() ? (tcp || use_tls ? "tcp:127.0.0.1:0" : dir.unix_address("grpc.sock"))
+                                              : options.addr;
+    std::vector<std::string> argv = {self_exe(), "serve-grpc", "--listen", listen};
+    std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
+    if (use_tls) {
+      tls = testing::make_tls_material(dir.path().string());
+      argv.insert(argv.end(), {"--cert", tls->server.cert, "--key", tls->server.key});
+      grpc::SslCredentialsOptions ssl;
+      ssl.pem_root_certs = read_text_file(tls->ca.cert);
+      credentials = grpc::SslCredentials(ssl);
+    }
+    server = spawn_server(argv, options.server_netns);
+    std::string target = server.ready_info();
+    // The certificate names localhost (and 127.0.0.1).
+    if (use_tls && target.starts_with("127.0.0.1:")) target = "localhost:" + target.substr(10);
+    channel = grpc::CreateChannel(target, credentials);
+    if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10)))
+      throw std::runtime_error("gRPC channel did not connect to " + target);
+    stub = EchoService::NewStub(channel);
+  }
+  ~GrpcPeer() {
+    stub.reset();
+    channel.reset();
+    server.stop();
+  }
+  std::string wire() const { return tls ? "TLS (gRPC SSL credentials)" : "the same socket kind as ferry's side"; }
+};
+
+std::string grpc_version() { return "gRPC " + std::string(GRPC_CPP_VERSION_STRING); }
+
+}  // namespace
+
+Measurement grpc_upload(const CaseOptions& options, bool tls, std::uint64_t total) {
+  GrpcPeer peer(options, true, tls);
+  Chunk chunk;
+  chunk.mutable_data()->assign(default_chunk_bytes, '\x5a');
+  grpc::ClientContext context;
+  UploadSummary summary;
+  const auto start = Clock::now();
+  auto writer = peer.stub->Upload(&context, &summary);
+  for (std::uint64_t sent = 0; sent < total; sent += default_chunk_bytes)
+    if (!writer->Write(chunk)) break;
+  writer->WritesDone();
+  const grpc::Status status = writer->Finish();
+  const double secs = seconds_since(start);
+  if (!status.ok()) throw std::runtime_error("gRPC upload failed: " + status.error_message());
+  if (summary.bytes() < total)
+    throw std::runtime_error("gRPC server counted " + std::to_string(summary.bytes()) + " of " + std::to_string(total));
+  return {static_cast<double>(summary.bytes()) / secs / 1e6, "MB/s",
+          grpc_version() + " client-streaming Upload, 256 KiB bytes messages, sync API, default channel and server " +
+              "args, over tcp" + (tls ? " with TLS (gRPC SSL credentials)" : "") + ", server counts and drops"};
+}
+
+Measurement grpc_download(const CaseOptions& options, bool tls, std::uint64_t total) {
+  GrpcPeer peer(options, true, tls);
+  DownloadRequest request;
+  request.set_total_bytes(total);
+  grpc::ClientContext context;
+  const auto start = Clock::now();
+  auto reader = peer.stub->Download(&context, request);
+  Chunk chunk;
+  std::uint64_t got = 0;
+  while (reader->Read(&chunk)) got += chunk.data().size();
+  const grpc::Status status = reader->Finish();
+  const double secs = seconds_since(start);
+  if (!status.ok()) throw std::runtime_error("gRPC download failed: " + status.error_message());
+  if (got != total) throw std::runtime_error("gRPC download short: " + std::to_string(got) + " of " + std::to_string(total));
+  return {static_cast<double>(got) / secs / 1e6, "MB/s",
+          grpc_version() + " server-streaming Download, 256 KiB bytes messages, sync API, default args, over tcp" +
+              (tls ? " with TLS" : "") + ", client reads and drops"};
+}
+
+Measurement grpc_call_p99(const CaseOptions& options) {
+  // ferry's side (ferry_call_p99) runs on a unix socket; so does this one.
+  GrpcPeer peer(options, false, false);
+  std::atomic<bool> stop{false};
+  std::atomic<std::uint64_t> streamed{0};
+  grpc::ClientContext load_context;
+  std::thread load([&] {
+    DownloadRequest request;
+    request.set_total_bytes(std::uint64_t{1} << 40);  // until cancelled
+    auto reader = peer.stub->Download(&load_context, request);
+    Chunk chunk;
+    while (!stop.load() && reader->Read(&chunk)) streamed += chunk.data().size();
+    load_context.TryCancel();
+    reader->Finish();
+  });
+  std::this_thread::sleep_for(warmup_window());
+  // One small call every millisecond on the same channel, timed from issue
+  // to reply, as ferry's side does.
+  EchoMessage request;
+  request.set_payload(std::string(echo_payload_bytes, 'p'));
+  std::vector<double> latencies;
+  const auto window = measure_window(options.quick);
+  const std::uint64_t streamed_before = streamed.load();
+  const auto start = Clock::now();
+  std::string error;
+  while (Clock::now() - start < window) {
+    const auto t = Clock::now();
+    grpc::ClientContext context;
+    EchoMessage response;
+    const grpc::Status status = peer.stub->Echo(&context, request, &response);
+    if (!status.ok()) {
+      error = "gRPC echo failed under load: " + status.error_message();
+      break;
+    }
+    latencies.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t).count());
+    std::this_thread::sleep_until(t + std::chrono::milliseconds(1));
+  }
+  const double secs = seconds_since(start);
+  const double stream_mbs = static_cast<double>(streamed.load() - streamed_before) / secs / 1e6;
+  stop = true;
+  load_context.TryCancel();
+  load.join();
+  if (!error.empty()) throw std::runtime_error(error);
+  if (latencies.empty()) throw std::runtime_error("no gRPC echo completed under load");
+  std::sort(latencies.begin(), latencies.end());
+  auto pct = [&](double p) { return latencies[static_cast<std::size_t>(p * static_cast<double>(latencies.size() - 1))]; };
+  char note[240];
+  std::snprintf(note, sizeof note,
+                "%s, %zu unary Echo calls on the channel of a saturating server-streaming Download (%.0f MB/s during "
+                "the calls), p50 %.3f ms, p99 %.3f ms, unix socket, default args",
+                grpc_version().c_str(), latencies.size(), stream_mbs, pct(0.5), pct(0.99));
+  return {pct(0.99), "ms", note};
+}
+
 }  // namespace ferry::bench
 
 #else  // !FERRY_BENCH_HAVE_GRPC
 
 namespace ferry::bench {
 
-int serve_grpc(const std::string&) { throw Unavailable("gRPC baseline not built"); }
+int serve_grpc(const std::string&, const std::string&, const std::string&) {
+  throw Unavailable("gRPC baseline not built");
+}
+Measurement grpc_upload(const CaseOptions&, bool, std::uint64_t) { throw Unavailable("gRPC baseline not built"); }
+Measurement grpc_download(const CaseOptions&, bool, std::uint64_t) { throw Unavailable("gRPC baseline not built"); }
+Measurement grpc_call_p99(const CaseOptions&) { throw Unavailable("gRPC baseline not built"); }
 
-Measurement grpc_echo_inflight(const CaseOptions&, int) {
+Measurement grpc_echo_inflight(const CaseOptions&, int, bool) {
   throw Unavailable("gRPC baseline not built");
 }
 

@@ -25,8 +25,18 @@ Measurement raw_download(const CaseOptions& options, bool tcp, uint64_t payload_
 // Seconds to send a dense file of `bytes` (pread + writev) to a raw sink.
 Measurement raw_send_file_seconds(const CaseOptions& options, uint64_t bytes);
 // rpc.echo.inflight128: gRPC unary Echo with `inflight` calls outstanding on
-// one channel. Throws Unavailable when built without gRPC.
-Measurement grpc_echo_inflight(const CaseOptions& options, int inflight);
+// one channel, over a unix socket (or TCP on loopback). Throws Unavailable
+// when built without gRPC.
+Measurement grpc_echo_inflight(const CaseOptions& options, int inflight, bool tcp = false);
+// grpc.native.*: a plain gRPC service as a user writes the job by hand
+// (bench/proto/bench_echo.proto): `total` bytes in 256 KiB bytes messages
+// through a client-streaming Upload or a server-streaming Download (sync
+// API, default arguments, TCP on loopback, optionally TLS), and the p99 of
+// unary Echo calls, one a millisecond, on the channel of a saturating
+// Download (a unix socket, like ferry's stream.call_p99_under_load).
+Measurement grpc_upload(const CaseOptions& options, bool tls, std::uint64_t total);
+Measurement grpc_download(const CaseOptions& options, bool tls, std::uint64_t total);
+Measurement grpc_call_p99(const CaseOptions& options);
 
 // tls.stream.upload / tls.stream.download: the same bytes over a raw
 // OpenSSL TLS 1.3 socket (bench/baseline_tls.cc); tls.handshake: median ms
@@ -47,7 +57,8 @@ int serve_raw_source(const std::string& listen);
 // Serves raw_file_copy requests for files in `dir`.
 int serve_file(const std::string& listen, const std::string& dir);
 // `listen` is "unix:PATH", "HOST:PORT" or "tcp:HOST:PORT"; port 0 picks one.
-int serve_grpc(const std::string& listen);
+// With a certificate and key (PEM files), TLS with gRPC's SSL credentials.
+int serve_grpc(const std::string& listen, const std::string& cert = {}, const std::string& key = {});
 // TLS sink (source = false) or source, with this certificate and key.
 int serve_tls(const std::string& listen, const std::string& cert, const std::string& key, bool source);
 

@@ -6,7 +6,7 @@
 //   ferry_bench serve-raw-echo --listen unix:PATH|tcp:HOST:PORT
 //   ferry_bench serve-raw-sink --listen unix:PATH|tcp:HOST:PORT
 //   ferry_bench serve-file     --listen unix:PATH|tcp:HOST:PORT --dir DIR
-//   ferry_bench serve-grpc     --listen unix:PATH|HOST:PORT
+//   ferry_bench serve-grpc     --listen unix:PATH|HOST:PORT [--cert PEM --key PEM]
 //   ferry_bench rows
 //
 // `measure` prints exactly one JSON line on stdout,
@@ -77,6 +77,18 @@ const std::vector<Row>& rows() {
       {"rpc.echo.seq", ferry_echo_seq, raw_echo_seq},
       {"rpc.echo.inflight128", [](const CaseOptions& o) { return ferry_echo_inflight(o, 128); },
        [](const CaseOptions& o) { return grpc_echo_inflight(o, 128); }},
+      // ferry native against a plain gRPC service written by hand.
+      {"grpc.native.upload", [](const CaseOptions& o) { return ferry_stream_upload(o, true, 1); },
+       [](const CaseOptions& o) { return grpc_upload(o, false, stream_total_bytes(o.quick)); }},
+      {"grpc.native.download", [](const CaseOptions& o) { return ferry_stream_download(o, true); },
+       [](const CaseOptions& o) { return grpc_download(o, false, stream_total_bytes(o.quick)); }},
+      {"grpc.native.upload.tls",
+       [](const CaseOptions& o) { return ferry_stream_upload(o, Wire::tls, 1, stream_total_bytes(o.quick)); },
+       [](const CaseOptions& o) { return grpc_upload(o, true, stream_total_bytes(o.quick)); }},
+      {"grpc.native.echo128", [](const CaseOptions& o) { return ferry_echo_inflight(o, 128, Wire::tcp); },
+       [](const CaseOptions& o) { return grpc_echo_inflight(o, 128, true); }},
+      {"grpc.native.call_p99_under_load", [](const CaseOptions& o) { return ferry_call_p99(o, true); },
+       grpc_call_p99},
       {"rpc.body.unix", [](const CaseOptions& o) { return ferry_body(o, false); },
        [](const CaseOptions& o) { return raw_body(o, false); }},
       {"rpc.body.tcp", [](const CaseOptions& o) { return ferry_body(o, true); },
@@ -284,7 +296,14 @@ int run(int argc, char** argv) {
       return usage("serve-file takes --listen ADDR --dir DIR");
     return serve_file(flags["listen"], flags["dir"]);
   }
-  if (command == "serve-grpc") return serve(argc, argv, serve_grpc);
+  if (command == "serve-grpc") {
+    std::vector<std::string> positional;
+    std::map<std::string, std::string> flags;
+    if (!parse_flags(argc, argv, 2, positional, flags, {}, {"listen", "cert", "key"}) || !flags.contains("listen") ||
+        flags.contains("cert") != flags.contains("key"))
+      return usage("serve-grpc takes --listen ADDR [--cert PEM --key PEM]");
+    return serve_grpc(flags["listen"], flags["cert"], flags["key"]);
+  }
   if (command == "serve-tls-sink" || command == "serve-tls-source") {
     std::vector<std::string> positional;
     std::map<std::string, std::string> flags;
