@@ -38,12 +38,8 @@ constexpr std::size_t local_chunk = 1u << 20;  // hashing a local extent
 
 Error copy_error(Code code, const std::string& message) { return Error(code, message, "copy"); }
 
-Digest to_digest(const std::string& bytes) {
-  Digest d{};
-  std::memcpy(d.data(), bytes.data(), std::min(bytes.size(), d.size()));
-  return d;
-}
-std::string from_digest(const Digest& d) { return std::string(d.begin(), d.end()); }
+using stream::from_digest;
+using stream::to_digest;
 
 std::string new_copy_id() {
   std::mt19937_64 rng{std::random_device{}()};

@@ -66,12 +66,8 @@ Error migration_error(Code code, const std::string& message, bool retryable = fa
   return Error(code, message, "migration", retryable);
 }
 
-Digest to_digest(const std::string& bytes) {
-  Digest d{};
-  if (bytes.size() == d.size()) std::copy(bytes.begin(), bytes.end(), d.begin());
-  return d;
-}
-std::string from_digest(const Digest& d) { return std::string(d.begin(), d.end()); }
+using stream::from_digest;
+using stream::to_digest;
 
 bool is_cancel(const Error& e) { return e.code() == Code::cancelled; }
 

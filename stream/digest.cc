@@ -3,6 +3,7 @@
 #include <xxhash.h>
 
 #include <cstdio>
+#include <cstring>
 #include <new>
 #include <vector>
 
@@ -36,6 +37,17 @@ std::string digest_hex(std::span<const std::uint8_t> d) {
   }
   return out;
 }
+std::string digest_hex(std::string_view bytes) {
+  return digest_hex(std::span<const std::uint8_t>(reinterpret_cast<const std::uint8_t*>(bytes.data()), bytes.size()));
+}
+
+Digest to_digest(std::string_view bytes) {
+  Digest d{};
+  if (bytes.size() == d.size()) std::memcpy(d.data(), bytes.data(), d.size());
+  return d;
+}
+std::string from_digest(const Digest& d) { return std::string(d.begin(), d.end()); }
+
 std::string digest_hex(const Digest& d) { return digest_hex(std::span<const std::uint8_t>(d.data(), d.size())); }
 
 ExtentHasher::ExtentHasher() : state_(XXH3_createState()) {

@@ -12,6 +12,7 @@
 #include "client/copy.h"
 #include "ferry/v1/migration.ferry.h"
 #include "rpc/endpoint.h"
+#include "stream/digest.h"
 
 namespace ferry::cli {
 
@@ -33,15 +34,6 @@ std::string end_text(const CopyEnd& e) {
   return e.uri + "/" + e.volume.pool + "/" + e.volume.name;
 }
 
-std::string hex_of(const std::string& bytes) {
-  std::string hex;
-  char two[3];
-  for (unsigned char c : bytes) {
-    std::snprintf(two, sizeof two, "%02x", c);
-    hex += two;
-  }
-  return hex;
-}
 
 }  // namespace
 
@@ -122,7 +114,7 @@ Json job_json(const v1::JobStatus& j) {
       .field("started_ns", j.started_ns())
       .field("finished_ns", j.finished_ns());
   if (!j.error().empty()) out.field("error", to_string(static_cast<Code>(j.error_code()))).field("message", j.error());
-  if (!j.digest().empty()) out.field("digest", hex_of(j.digest()));
+  if (!j.digest().empty()) out.field("digest", stream::digest_hex(j.digest()));
   return out;
 }
 
@@ -143,6 +135,28 @@ std::string job_line(const v1::JobStatus& j) {
 }
 
 namespace {
+
+// The end of a finished copy, however it ran: one JSON object, or the
+// "copied / resumed / verified" lines.
+int print_copy_done(const CopyRequest& request, const v1::JobStatus& done, double secs, const JobOutput& out) {
+  if (out.json) {
+    Json j = job_json(done);
+    j.field("seconds", secs).field("logical_bytes_per_second", secs > 0 ? static_cast<double>(done.total_bytes()) / secs : 0.0);
+    std::printf("%s\n", j.str().c_str());
+    return 0;
+  }
+  if (out.quiet) return 0;
+  std::printf("copied %s to %s: %s (%s data, %s holes) in %s, %s\n", end_text(request.source).c_str(),
+              end_text(request.destination).c_str(), human_size(done.total_bytes()).c_str(),
+              human_size(done.data_bytes()).c_str(), human_size(done.hole_bytes()).c_str(), human_duration(secs).c_str(),
+              human_rate(secs > 0 ? static_cast<double>(done.total_bytes()) / secs : 0).c_str());
+  if (done.skipped_bytes())
+    std::printf("resumed: %s was already at the destination, verified against the source and not sent again\n",
+                human_size(done.skipped_bytes()).c_str());
+  std::printf("verified: %llu extents, XXH3-128 per extent, volume digest %s\n",
+              static_cast<unsigned long long>(done.extents_total()), stream::digest_hex(done.digest()).c_str());
+  return 0;
+}
 
 // One end here: this process moves the data (client/copy.h).
 int run_local_copy(Session& session, const CopyRequest& request, const JobOutput& out) {
@@ -190,39 +204,22 @@ int run_local_copy(Session& session, const CopyRequest& request, const JobOutput
     throw;
   }
   bar.clear();
-  const double secs = std::chrono::duration<double>(done.elapsed).count();
-  if (out.json) {
-    Json j;
-    if (!done.job.empty()) j.field("id", done.job);
-    j.field("kind", to_volume ? "copy-to-volume" : "copy-from-volume")
-        .field("source", end_text(request.source))
-        .field("destination", end_text(request.destination))
-        .field("state", "completed")
-        .field("total_bytes", done.total_bytes)
-        .field("done_bytes", done.total_bytes)
-        .field("data_bytes", done.data_bytes)
-        .field("hole_bytes", done.hole_bytes)
-        .field("skipped_bytes", done.skipped_bytes)
-        .field("extents_total", done.extents)
-        .field("extents_done", done.extents)
-        .field("resumed", done.skipped_bytes > 0)
-        .field("digest", hex_of(done.digest))
-        .field("seconds", secs)
-        .field("logical_bytes_per_second", secs > 0 ? static_cast<double>(done.total_bytes) / secs : 0.0);
-    std::printf("%s\n", j.str().c_str());
-    return 0;
-  }
-  if (out.quiet) return 0;
-  std::printf("copied %s to %s: %s (%s data, %s holes) in %s, %s\n", end_text(request.source).c_str(),
-              end_text(request.destination).c_str(), human_size(done.total_bytes).c_str(),
-              human_size(done.data_bytes).c_str(), human_size(done.hole_bytes).c_str(), human_duration(secs).c_str(),
-              human_rate(secs > 0 ? static_cast<double>(done.total_bytes) / secs : 0).c_str());
-  if (done.skipped_bytes)
-    std::printf("resumed: %s was already at the destination, verified against the source and not sent again\n",
-                human_size(done.skipped_bytes).c_str());
-  std::printf("verified: %llu extents, XXH3-128 per extent, volume digest %s\n",
-              static_cast<unsigned long long>(done.extents), hex_of(done.digest).c_str());
-  return 0;
+  v1::JobStatus status;
+  status.set_id(done.job);
+  status.set_kind(to_volume ? "copy-to-volume" : "copy-from-volume");
+  status.set_source(end_text(request.source));
+  status.set_destination(end_text(request.destination));
+  status.set_state(v1::JOB_COMPLETED);
+  status.set_total_bytes(done.total_bytes);
+  status.set_done_bytes(done.total_bytes);
+  status.set_data_bytes(done.data_bytes);
+  status.set_hole_bytes(done.hole_bytes);
+  status.set_skipped_bytes(done.skipped_bytes);
+  status.set_extents_total(done.extents);
+  status.set_extents_done(done.extents);
+  status.set_resumed(done.skipped_bytes > 0);
+  status.set_digest(done.digest);
+  return print_copy_done(request, status, std::chrono::duration<double>(done.elapsed).count(), out);
 }
 
 }  // namespace
@@ -318,24 +315,7 @@ int run_vol_copy(Session& session, const CopyRequest& request, const JobOutput& 
     throw Error(static_cast<Code>(done.error_code() ? done.error_code() : static_cast<std::uint32_t>(Code::unknown)),
                 "copy " + done.id() + " " + job_state_name(done.state()) + ": " + done.error(), "migration");
   }
-  const double secs = std::chrono::duration<double>(Clock::now() - started_at).count();
-  if (out.json) {
-    Json j = job_json(done);
-    j.field("seconds", secs).field("logical_bytes_per_second", secs > 0 ? static_cast<double>(done.total_bytes()) / secs : 0.0);
-    std::printf("%s\n", j.str().c_str());
-    return 0;
-  }
-  if (out.quiet) return 0;
-  std::printf("copied %s to %s: %s (%s data, %s holes) in %s, %s\n", end_text(request.source).c_str(),
-              end_text(request.destination).c_str(), human_size(done.total_bytes()).c_str(),
-              human_size(done.data_bytes()).c_str(), human_size(done.hole_bytes()).c_str(), human_duration(secs).c_str(),
-              human_rate(secs > 0 ? static_cast<double>(done.total_bytes()) / secs : 0).c_str());
-  if (done.skipped_bytes())
-    std::printf("resumed: %s was already at the destination, verified against the source and not sent again\n",
-                human_size(done.skipped_bytes()).c_str());
-  std::printf("verified: %llu extents, XXH3-128 per extent, volume digest %s\n",
-              static_cast<unsigned long long>(done.extents_total()), hex_of(done.digest()).c_str());
-  return 0;
+  return print_copy_done(request, done, std::chrono::duration<double>(Clock::now() - started_at).count(), out);
 }
 
 int run_job_list(Session& session, const JobOutput& out) {
@@ -370,7 +350,7 @@ int run_job_info(Session& session, const std::string& id, const JobOutput& out) 
                 j.eta_seconds() >= 0 ? ("  ETA " + human_duration(j.eta_seconds())).c_str() : "");
   if (!j.error().empty())
     std::printf("error:       %s: %s\n", to_string(static_cast<Code>(j.error_code())), j.error().c_str());
-  if (!j.digest().empty()) std::printf("digest:      %s (XXH3-128 of the extent digests)\n", hex_of(j.digest()).c_str());
+  if (!j.digest().empty()) std::printf("digest:      %s (XXH3-128 of the extent digests)\n", stream::digest_hex(j.digest()).c_str());
   return 0;
 }
 
