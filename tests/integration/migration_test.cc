@@ -233,12 +233,12 @@ TEST(MigrationCancel, FromTheSourceStopsBothEnds) {
   const std::string id = json_field(job_of(c.a.unix_uri(), "copy-out"), "id");
   Session on_a = Session::connect(c.a.unix_uri());
   Session on_b = Session::connect(c.b.unix_uri());
-  v1::JobRef ref;
-  ref.set_id(id);
-  on_a.rpc().call_future<v1::Migration::JobCancel>(ref).get();
+  auto r = ferry_cli(c.a.unix_uri(), {"job-cancel", id});
+  EXPECT_CLI(r, 0);
+  EXPECT_NE(r.out.find("cancelled"), std::string::npos) << r.out;
   const double s = c.seconds_until_both_stop(on_a, on_b);
   EXPECT_LT(s, stop_bound_s) << "both daemons stop within a second";
-  std::printf("cancel on the source: both ends idle %.3f s after job-cancel returned\n", s);
+  std::printf("cancel on the source: both ends idle %.3f s after ferry job-cancel returned\n", s);
   EXPECT_NE(c.cli->wait(), 0);
   EXPECT_NE(c.cli->output().find("cancelled by job-cancel"), std::string::npos) << c.cli->output();
   c.expect_same_error("cancelled", "cancelled by job-cancel on");
