@@ -120,8 +120,8 @@ int main(int argc, char** argv) {
   unsigned keepalive_ms = static_cast<unsigned>(options.keepalive_interval.count());
 
   app.add_option("-l,--listen", listen,
-                 "address to listen on, repeatable, replacing the configuration's: unix:/path, tcp:host:port or "
-                 "tls:host:port (now: " + join(config.listen) + ")");
+                 "address to listen on, repeatable, replacing the configuration's: unix:/path, tcp:host:port, "
+                 "tls:host:port, grpc:host:port or grpcs:host:port (now: " + join(config.listen) + ")");
   app.add_flag("--test-service", test_service, "serve the test program (99) used by tests and benchmarks");
   app.add_option("--io-threads", options.io_threads, "io threads (0 = one per core)")->capture_default_str();
   app.add_option("--worker-threads", options.worker_threads, "threads for handlers that block")
@@ -145,16 +145,16 @@ int main(int argc, char** argv) {
   app.add_option("--auth-unix", auth_unix, "authentication on unix: listeners: none (peer credentials) or sasl")
       ->capture_default_str()
       ->check(CLI::IsMember({"none", "sasl"}));
-  app.add_option("--auth-tcp", auth_tcp, "authentication on plain tcp: listeners: sasl or none")
+  app.add_option("--auth-tcp", auth_tcp, "authentication on plain tcp: (and grpc:) listeners: sasl or none")
       ->capture_default_str()
       ->check(CLI::IsMember({"none", "sasl"}));
-  app.add_option("--auth-tls", auth_tls, "authentication on tls: listeners beyond the client certificate: none or sasl")
+  app.add_option("--auth-tls", auth_tls, "authentication on tls: (and grpcs:) listeners beyond the client certificate: none or sasl")
       ->capture_default_str()
       ->check(CLI::IsMember({"none", "sasl"}));
   auto& tls = options.tls;
   bool tls_no_verify_client = false;
   app.add_option("--tls-ca", tls.ca_file, "PEM file of the CAs client certificates must chain to");
-  app.add_option("--tls-cert", tls.cert_file, "PEM server certificate (and chain) for tls: listeners");
+  app.add_option("--tls-cert", tls.cert_file, "PEM server certificate (and chain) for tls: and grpcs: listeners");
   app.add_option("--tls-key", tls.key_file, "PEM private key of --tls-cert");
   app.add_flag("--tls-no-verify-client", tls_no_verify_client,
                 "do not ask clients for certificates (then use --auth-tls sasl)");

@@ -400,8 +400,9 @@ class NbdService::Listener {
 
   rpc::Endpoint listen(rpc::Server& server, const rpc::Endpoint& endpoint) {
     server_ = &server;
-    if (endpoint.kind == rpc::Endpoint::Kind::tls)
-      throw nbd_error(Code::invalid_argument, "plain NBD listens on unix: or tcp: addresses, not tls:");
+    if (endpoint.kind != rpc::Endpoint::Kind::unix_socket && endpoint.kind != rpc::Endpoint::Kind::tcp)
+      throw nbd_error(Code::invalid_argument, "plain NBD listens on unix: or tcp: addresses, not " +
+                                                  endpoint.to_string().substr(0, endpoint.to_string().find(':') + 1));
     std::error_code ec;
     if (endpoint.kind == rpc::Endpoint::Kind::unix_socket) {
       namespace fs = std::filesystem;

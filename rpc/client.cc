@@ -358,7 +358,7 @@ asio::awaitable<void> authenticate(Client& client, Connection& connection, Serve
   const auto timeout = with_timeout(options.connect_timeout);
   const auto list = co_await client.call<Control::AuthList>(ferry::v1::AuthListCall{}, timeout);
   std::vector<std::string> offered(list.mechanisms().begin(), list.mechanisms().end());
-  const bool over_tls = connection.peer().transport == "tls";
+  const bool over_tls = connection.peer().transport == "tls" || connection.peer().transport == "grpcs";
   SaslClient sasl(options.sasl, endpoint.kind == Endpoint::Kind::unix_socket ? "localhost" : endpoint.host,
                   connection.peer());
   auto [mechanism, token] = sasl.start(offered);
@@ -437,7 +437,7 @@ asio::awaitable<void> hello_and_auth(Client& client, Connection& connection, Ser
 asio::awaitable<Client> Client::connect(asio::any_io_executor executor, std::string address, ClientOptions options) {
   const Endpoint endpoint = Endpoint::parse(address);
   std::shared_ptr<TlsContext> tls = options.tls_context;
-  if (!tls && endpoint.kind == Endpoint::Kind::tls) tls = TlsContext::client(options.tls);
+  if (!tls && endpoint.is_secure()) tls = TlsContext::client(options.tls);
   auto transport = co_await connect_transport(executor, endpoint, tls, options.connect_timeout);
   // No keepalive probes until the connection is set up: a probe must not
   // slip between the last SASL step and the security layer switch.

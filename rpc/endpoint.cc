@@ -2,6 +2,8 @@
 
 #include <charconv>
 #include <filesystem>
+#include <string>
+#include <string_view>
 
 #include "rpc/error.h"
 
@@ -12,8 +14,9 @@ namespace {
 Error bad(const std::string& text, const std::string& why) {
   return Error(Code::invalid_argument,
                "bad address '" + text + "': " + why +
-                   " (expected unix:/path, tcp:host:port, tls:host:port, ferry+unix:///path, ferry+tcp://host:port "
-                   "or ferry+tls://host:port)");
+                   " (expected unix:/path, tcp:host:port, tls:host:port, grpc:host:port, grpcs:host:port, "
+                   "ferry+unix:///path, ferry+tcp://host:port, ferry+tls://host:port, ferry+grpc://host:port "
+                   "or ferry+grpcs://host:port)");
 }
 
 Endpoint parse_host_port(const std::string& text, const std::string& hp) {
@@ -63,6 +66,12 @@ Endpoint Endpoint::tls(std::string host, std::uint16_t port) {
   return e;
 }
 
+Endpoint Endpoint::grpc(std::string host, std::uint16_t port, bool secure) {
+  Endpoint e = tcp(std::move(host), port);
+  e.kind = secure ? Kind::grpcs : Kind::grpc;
+  return e;
+}
+
 Endpoint Endpoint::parse(const std::string& text) {
   auto starts = [&](const char* p) { return text.rfind(p, 0) == 0; };
   if (starts("ferry+unix://")) {
@@ -84,13 +93,32 @@ Endpoint Endpoint::parse(const std::string& text) {
     e.kind = Kind::tls;
     return e;
   }
+  for (const char* scheme : {"ferry+grpcs://", "grpcs:", "ferry+grpc://", "grpc:"}) {
+    if (!starts(scheme)) continue;
+    Endpoint e = parse_host_port(text, text.substr(std::char_traits<char>::length(scheme)));
+    e.kind = std::string_view(scheme).find("grpcs") != std::string_view::npos ? Kind::grpcs : Kind::grpc;
+    return e;
+  }
   if (starts("/") || starts("./")) return unix_socket(text);
   throw bad(text, "unknown scheme");
 }
 
+namespace {
+const char* scheme_name(Endpoint::Kind kind) {
+  switch (kind) {
+    case Endpoint::Kind::unix_socket: return "unix";
+    case Endpoint::Kind::tcp: return "tcp";
+    case Endpoint::Kind::tls: return "tls";
+    case Endpoint::Kind::grpc: return "grpc";
+    case Endpoint::Kind::grpcs: return "grpcs";
+  }
+  return "tcp";
+}
+}  // namespace
+
 std::string Endpoint::to_string() const {
   if (kind == Kind::unix_socket) return "unix:" + path;
-  const std::string scheme = kind == Kind::tls ? "tls:" : "tcp:";
+  const std::string scheme = std::string(scheme_name(kind)) + ":";
   if (host.find(':') != std::string::npos) return scheme + "[" + host + "]:" + std::to_string(port);
   return scheme + host + ":" + std::to_string(port);
 }
@@ -102,7 +130,7 @@ std::string Endpoint::to_uri() const {
     auto abs = std::filesystem::absolute(path, ec);
     return "ferry+unix://" + (ec ? path : abs.lexically_normal().string());
   }
-  const std::string scheme = kind == Kind::tls ? "ferry+tls://" : "ferry+tcp://";
+  const std::string scheme = std::string("ferry+") + scheme_name(kind) + "://";
   if (host.find(':') != std::string::npos) return scheme + "[" + host + "]:" + std::to_string(port);
   return scheme + host + ":" + std::to_string(port);
 }

@@ -213,7 +213,7 @@ struct SaslServer::Callbacks {
 SaslServer::SaslServer(const SaslServerOptions& options, const PeerIdentity& peer, const std::string& local_address,
                        const std::string& remote_address)
     : options_(options),
-      over_tls_(peer.transport == "tls"),
+      over_tls_(peer.transport == "tls" || peer.transport == "grpcs"),
       tls_bits_(peer.tls_bits),
       local_(address_for_sasl(local_address)),
       remote_(address_for_sasl(remote_address)),
@@ -385,7 +385,7 @@ struct SaslClient::Callbacks {
 };
 
 SaslClient::SaslClient(const SaslClientOptions& options, const std::string& server_host, const PeerIdentity& peer)
-    : options_(options), over_tls_(peer.transport == "tls"), callbacks_(std::make_unique<Callbacks>()) {
+    : options_(options), over_tls_(peer.transport == "tls" || peer.transport == "grpcs"), callbacks_(std::make_unique<Callbacks>()) {
   sasl_global_init();
   callbacks_->options = options;
   callbacks_->list[0] = {SASL_CB_AUTHNAME, cb(&Callbacks::simple), callbacks_.get()};

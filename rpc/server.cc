@@ -31,6 +31,9 @@
 #include "rpc/hello.h"
 #include "rpc/socket_transport.h"
 #include "rpc/tls.h"
+#if FERRY_HAVE_GRPC
+#include "rpc/grpc_transport.h"
+#endif
 
 namespace ferry::rpc {
 
@@ -125,6 +128,10 @@ class Server::Impl {
     bool tls = false;
   };
   std::vector<InetAcceptor> tcp_acceptors_;
+#if FERRY_HAVE_GRPC
+  // grpc: and grpcs: listeners: a grpc::Server each, started by listen().
+  std::vector<std::unique_ptr<GrpcListener>> grpc_listeners_;
+#endif
   std::vector<std::string> unix_paths_;
   std::vector<int> unix_allowed_uids_;
 
@@ -156,8 +163,8 @@ class Server::Impl {
     return tls_;
   }
   AuthMode auth_for(const std::string& transport) const {
-    if (transport == "tls") return options_.auth_tls;
-    if (transport == "tcp") return options_.auth_tcp;
+    if (transport == "tls" || transport == "grpcs") return options_.auth_tls;
+    if (transport == "tcp" || transport == "grpc") return options_.auth_tcp;
     return options_.auth_unix;
   }
   // Counts a new unauthenticated connection unless the limit is reached.
@@ -646,7 +653,7 @@ class Server::Impl::Session final : public FrameHandler,
       reply.set_has_data(true);
     }
     std::shared_ptr<SecurityLayer> layer;
-    if (result->complete && peer().transport != "tls") layer = sasl_->layer();
+    if (result->complete && peer().transport != "tls" && peer().transport != "grpcs") layer = sasl_->layer();
     reply.set_ssf(layer ? result->ssf : 0);
     Header r = h;
     r.type = FrameType::reply;
@@ -771,7 +778,7 @@ void Server::Impl::accept_connection(std::unique_ptr<Transport> transport, bool 
     refusal.emplace(Code::permission_denied, "uid " + (peer.uid ? std::to_string(*peer.uid) : std::string("?")) +
                                                  " is not allowed to use this socket (unix_allowed_users)");
   }
-  if (!refusal && peer.transport == "tls" && !dn_allowed(peer.tls_subject, options_.tls.allowed_dn)) {
+  if (!refusal && (peer.transport == "tls" || peer.transport == "grpcs") && !dn_allowed(peer.tls_subject, options_.tls.allowed_dn)) {
     refusal.emplace(Code::permission_denied,
                     peer.tls_subject.empty()
                         ? std::string("a client certificate is required (tls allowed_dn is set)")
@@ -880,6 +887,34 @@ Server::~Server() { shutdown(std::chrono::milliseconds(0)); }
 void Server::add_program(std::shared_ptr<Program> program) { impl_->programs_[program->id()] = std::move(program); }
 
 Endpoint Server::listen(const Endpoint& endpoint) {
+  if (endpoint.is_grpc()) {
+#if FERRY_HAVE_GRPC
+    // gRPC accepts on its own threads; each new stream is handed to the
+    // first io thread, like a socket from an acceptor, and runs on a strand
+    // of the next io thread.
+    Impl* impl = impl_.get();
+    auto listener = std::make_unique<GrpcListener>(
+        endpoint, impl->options_.tls, [impl] { return asio::any_io_executor(impl->next_context().get_executor()); },
+        [impl](std::unique_ptr<Transport> transport) {
+          const auto accepted = Clock::now();
+          asio::post(impl->io(), [impl, accepted, transport = std::move(transport)]() mutable {
+            impl->accept_connection(std::move(transport), false, accepted);
+          });
+        });
+    Endpoint result = listener->endpoint();
+    const bool secure = endpoint.kind == Endpoint::Kind::grpcs;
+    if (impl->auth_for(secure ? "grpcs" : "grpc") == AuthMode::sasl) sasl_global_init();
+    impl->grpc_listeners_.push_back(std::move(listener));
+    spdlog::info("listening on {} (auth {}{})", result.to_string(), to_string(impl->auth_for(secure ? "grpcs" : "grpc")),
+                 secure ? impl->options_.tls.verify_peer && !impl->options_.tls.ca_file.empty()
+                              ? ", client certificates required"
+                              : ", no client certificates"
+                        : "");
+    return result;
+#else
+    throw Error(Code::unimplemented, "cannot listen on " + endpoint.to_string() + ": ferry was built without gRPC");
+#endif
+  }
   if (endpoint.kind == Endpoint::Kind::unix_socket) {
     namespace fs = std::filesystem;
     std::error_code fec;
@@ -1025,6 +1060,10 @@ void Server::shutdown(std::chrono::milliseconds grace) {
       impl.cv_.wait_for(lock, std::chrono::seconds(3), [&] { return impl.sessions_.empty(); });
     }
   }
+#if FERRY_HAVE_GRPC
+  // Sessions have said Goodbye; streams still open are cancelled.
+  for (auto& g : impl.grpc_listeners_) g->shutdown(std::chrono::milliseconds(500));
+#endif
   for (auto& c : impl.contexts_) c->stop();
   for (auto& t : impl.threads_)
     if (t.joinable()) t.join();

@@ -15,6 +15,9 @@
 
 #include "rpc/error.h"
 #include "rpc/tls.h"
+#if FERRY_HAVE_GRPC
+#include "rpc/grpc_transport.h"
+#endif
 
 namespace ferry::rpc {
 
@@ -136,6 +139,13 @@ asio::awaitable<std::unique_ptr<Transport>> connect_transport(asio::any_io_execu
                                                               std::shared_ptr<TlsContext> tls,
                                                               std::chrono::milliseconds timeout) {
   auto strand = asio::make_strand(executor);
+  if (endpoint.is_grpc()) {
+#if FERRY_HAVE_GRPC
+    co_return co_await connect_grpc(strand, endpoint, tls ? &tls->options() : nullptr, timeout);
+#else
+    throw Error(Code::unimplemented, "cannot connect to " + endpoint.to_string() + ": ferry was built without gRPC");
+#endif
+  }
   if (endpoint.kind == Endpoint::Kind::unix_socket) {
     asio::local::stream_protocol::socket socket(strand);
     auto [ec] = co_await socket.async_connect(asio::local::stream_protocol::endpoint(endpoint.path), use_tuple);

@@ -24,7 +24,7 @@ Error bad_end(const std::string& text, const std::string& why) {
   return Error(Code::invalid_argument,
                "'" + text + "' is not a copy end (" + why +
                    "); write ferry+unix:///SOCKET/POOL/NAME, ferry+tcp://HOST:PORT/POOL/NAME, "
-                   "ferry+tls://HOST:PORT/POOL/NAME, POOL/NAME on the -c daemon, a local file (/PATH, ./PATH, "
+                   "ferry+tls://HOST:PORT/POOL/NAME, ferry+grpc(s)://HOST:PORT/POOL/NAME, POOL/NAME on the -c daemon, a local file (/PATH, ./PATH, "
                    "file:PATH) or an NBD URI (nbd://, nbd+unix://)",
                "client");
 }
@@ -71,7 +71,7 @@ CopyEnd parse_copy_end(const std::string& text, const std::string& default_uri) 
     out.uri = "ferry+unix://" + rest.substr(0, pool_at);
     out.volume.pool = rest.substr(pool_at + 1, name_at - pool_at - 1);
     out.volume.name = rest.substr(name_at + 1);
-  } else if (scheme == "ferry+tcp" || scheme == "ferry+tls") {
+  } else if (scheme == "ferry+tcp" || scheme == "ferry+tls" || scheme == "ferry+grpc" || scheme == "ferry+grpcs") {
     const auto slash = rest.find('/');
     if (slash == std::string::npos || slash == 0) throw bad_end(text, "no /POOL/NAME after the address");
     out.uri = scheme + "://" + rest.substr(0, slash);

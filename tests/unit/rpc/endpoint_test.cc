@@ -149,6 +149,27 @@ TEST(Endpoint, ParsesTls) {
   EXPECT_EQ(Endpoint::parse("ferry+tls://[::1]:1").to_uri(), "ferry+tls://[::1]:1");
 }
 
+TEST(Endpoint, ParsesGrpc) {
+  for (const char* text : {"grpc:localhost:16515", "ferry+grpc://localhost:16515"}) {
+    Endpoint e = Endpoint::parse(text);
+    EXPECT_EQ(e.kind, Endpoint::Kind::grpc) << text;
+    EXPECT_EQ(e.host, "localhost");
+    EXPECT_EQ(e.port, 16515);
+    EXPECT_EQ(e.to_string(), "grpc:localhost:16515");
+    EXPECT_EQ(e.to_uri(), "ferry+grpc://localhost:16515");
+  }
+  for (const char* text : {"grpcs:localhost:16515", "ferry+grpcs://localhost:16515"}) {
+    Endpoint e = Endpoint::parse(text);
+    EXPECT_EQ(e.kind, Endpoint::Kind::grpcs) << text;
+    EXPECT_EQ(e.to_string(), "grpcs:localhost:16515");
+    EXPECT_EQ(e.to_uri(), "ferry+grpcs://localhost:16515");
+    EXPECT_TRUE(e.is_grpc());
+    EXPECT_TRUE(e.is_secure());
+  }
+  EXPECT_EQ(Endpoint::parse("grpc:[::1]:0").to_uri(), "ferry+grpc://[::1]:0");
+  EXPECT_THAT(refusal("grpc:localhost"), HasSubstr("missing port"));
+}
+
 TEST(Endpoint, RefusesUnknownScheme) {
   EXPECT_THAT(refusal("http://localhost:7000"), HasSubstr("unknown scheme"));
   EXPECT_THAT(refusal("ferry+ssh://localhost:7000"), HasSubstr("unknown scheme"));
