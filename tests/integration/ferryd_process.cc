@@ -28,6 +28,10 @@ const char* to_string(TransportKind kind) {
       return "tcp";
     case TransportKind::tls:
       return "tls";
+    case TransportKind::grpc:
+      return "grpc";
+    case TransportKind::grpcs:
+      return "grpcs";
   }
   return "?";
 }
@@ -44,6 +48,13 @@ TempDir::~TempDir() {
 }
 
 std::string ferryd_path() { return FERRY_TEST_FERRYD; }
+
+namespace {
+bool grpc_listeners = false;
+}  // namespace
+
+FerrydProcess::GrpcListeners::GrpcListeners(bool on) : was_(grpc_listeners) { grpc_listeners = on; }
+FerrydProcess::GrpcListeners::~GrpcListeners() { grpc_listeners = was_; }
 std::string ferry_cli_path() { return FERRY_TEST_FERRY_CLI; }
 
 namespace {
@@ -95,6 +106,12 @@ FerrydProcess::FerrydProcess(std::vector<std::string> extra_args, std::vector<st
     argv.insert(argv.end(), {"--listen", "tls:127.0.0.1:0", "--tls-ca", m.ca.cert, "--tls-cert", m.server.cert,
                              "--tls-key", m.server.key});
   }
+  if (grpc_listeners) {
+    // grpcs takes its certificate from the --tls-* options (ours above, or
+    // those `extra_args` bring).
+    argv.insert(argv.end(), {"--listen", "grpc:127.0.0.1:0"});
+    if (!own_tls) argv.insert(argv.end(), {"--listen", "grpcs:127.0.0.1:0"});
+  }
   bool own_pools = false;
   for (const auto& a : extra_args) own_pools = own_pools || a == "--pool" || a == "--config" || a.rfind("--pool=", 0) == 0;
   if (!own_pools) argv.insert(argv.end(), {"--pool", "default=" + pool_dir()});
@@ -118,6 +135,10 @@ FerrydProcess::FerrydProcess(std::vector<std::string> extra_args, std::vector<st
       tcp_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
     else if (line.rfind("tls:", 0) == 0)
       tls_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
+    else if (line.rfind("grpc:", 0) == 0)
+      grpc_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
+    else if (line.rfind("grpcs:", 0) == 0)
+      grpcs_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
     else if (line.rfind("nbd-tcp:", 0) == 0)
       nbd_tcp_port_ = static_cast<std::uint16_t>(std::stoi(line.substr(line.rfind(':') + 1)));
 }
@@ -139,7 +160,7 @@ const TlsMaterial& test_tls_material() {
 }
 
 rpc::ClientOptions client_options_for(TransportKind kind, rpc::ClientOptions base) {
-  if (kind == TransportKind::tls) {
+  if (kind == TransportKind::tls || kind == TransportKind::grpcs) {
     const auto& m = test_tls_material();
     if (base.tls.ca_file.empty()) base.tls.ca_file = m.ca.cert;
     if (base.tls.cert_file.empty()) {
@@ -152,6 +173,13 @@ rpc::ClientOptions client_options_for(TransportKind kind, rpc::ClientOptions bas
 
 std::string FerrydProcess::uri(TransportKind kind) const {
   if (kind == TransportKind::unix_socket) return "ferry+unix://" + socket_path_;
+  if (kind == TransportKind::grpc || kind == TransportKind::grpcs) {
+    const bool secure = kind == TransportKind::grpcs;
+    const std::uint16_t port = secure ? grpcs_port_ : grpc_port_;
+    if (!port) throw std::runtime_error(std::string("ferryd was not started with a ") + to_string(kind) +
+                                        ": listener (FerrydProcess::GrpcListeners)");
+    return std::string(secure ? "ferry+grpcs" : "ferry+grpc") + "://127.0.0.1:" + std::to_string(port);
+  }
   if (kind == TransportKind::tls) {
     if (!tls_port_) throw std::runtime_error("ferryd was not started with a tls: listener");
     return "ferry+tls://127.0.0.1:" + std::to_string(tls_port_);

@@ -15,7 +15,9 @@
 
 namespace ferry::testing {
 
-enum class TransportKind { unix_socket, tcp, tls };
+// grpc / grpcs: ferry over a gRPC stream (rpc/grpc_transport.h); ferryd
+// listens on them only when a test asks (FerrydProcess::GrpcListeners).
+enum class TransportKind { unix_socket, tcp, tls, grpc, grpcs };
 const char* to_string(TransportKind kind);
 
 // A scratch directory removed (recursively) on destruction.
@@ -51,6 +53,22 @@ class FerrydProcess {
   std::string tcp_uri() const { return uri(TransportKind::tcp); }
   // ferry+tls://127.0.0.1:PORT, when started with --listen tls:127.0.0.1:0.
   std::string tls_uri() const { return uri(TransportKind::tls); }
+
+  // While one of these lives, every FerrydProcess started also listens on
+  // grpc:127.0.0.1:0 and grpcs:127.0.0.1:0 (the test certificates, client
+  // certificates required). A fixture parameterised on the transport sets
+  // it for the grpc kinds only, so that the other runs (and their thread
+  // counts) see no gRPC server.
+  class GrpcListeners {
+   public:
+    explicit GrpcListeners(bool on = true);
+    ~GrpcListeners();
+    GrpcListeners(const GrpcListeners&) = delete;
+    GrpcListeners& operator=(const GrpcListeners&) = delete;
+
+   private:
+    bool was_;
+  };
   std::uint16_t tls_port() const { return tls_port_; }
   const std::string& socket_path() const { return socket_path_; }
   std::uint16_t tcp_port() const { return tcp_port_; }
@@ -80,6 +98,8 @@ class FerrydProcess {
   std::string log_path_;
   std::uint16_t tcp_port_ = 0;
   std::uint16_t tls_port_ = 0;
+  std::uint16_t grpc_port_ = 0;
+  std::uint16_t grpcs_port_ = 0;
   std::uint16_t nbd_tcp_port_ = 0;
   pid_t pid_ = -1;
 };

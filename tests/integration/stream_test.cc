@@ -24,6 +24,7 @@ using stream::Item;
 
 class StreamTest : public ::testing::TestWithParam<TransportKind> {
  protected:
+  FerrydProcess::GrpcListeners grpc_{GetParam() == TransportKind::grpc || GetParam() == TransportKind::grpcs};
   Client connect(FerrydProcess& server) {
     return Client::connect_sync(io_.executor(), server.uri(GetParam()), client_options_for(GetParam()));
   }
@@ -447,7 +448,9 @@ TEST_P(StreamTest, HalfAGibibyteEachWayArrivesIntact) {
   EXPECT_EQ(got.value(), dreply.checksum());
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, StreamTest, ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls),
+INSTANTIATE_TEST_SUITE_P(Transports, StreamTest,
+                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls,
+                                           TransportKind::grpc, TransportKind::grpcs),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 }  // namespace
