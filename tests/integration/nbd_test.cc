@@ -101,9 +101,10 @@ class Sampler {
 
 class NbdBridgeTest : public ::testing::TestWithParam<TransportKind> {
  protected:
+  FerrydProcess::GrpcListeners grpc_{GetParam() == TransportKind::grpc || GetParam() == TransportKind::grpcs};
   std::vector<std::string> cli(const FerrydProcess& d) {
     std::vector<std::string> argv = {ferry_cli_path(), "-c", d.uri(GetParam()), "--progress", "none"};
-    if (GetParam() == TransportKind::tls) {
+    if (GetParam() == TransportKind::tls || GetParam() == TransportKind::grpcs) {
       const auto& m = test_tls_material();
       argv.insert(argv.end(), {"--tls-ca", m.ca.cert, "--tls-cert", m.client.cert, "--tls-key", m.client.key});
     }
@@ -305,7 +306,8 @@ TEST_P(NbdBridgeTest, InterruptStopsTheBridgeAndTheDaemonServesOn) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, NbdBridgeTest,
-                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls),
+                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls,
+                                           TransportKind::grpc, TransportKind::grpcs),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 // ---------------------------------------------------------------------------

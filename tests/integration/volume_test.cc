@@ -33,9 +33,10 @@ struct CliResult {
 
 class VolumeTest : public ::testing::TestWithParam<TransportKind> {
  protected:
+  FerrydProcess::GrpcListeners grpc_{GetParam() == TransportKind::grpc || GetParam() == TransportKind::grpcs};
   std::vector<std::string> cli_args(const FerrydProcess& d, TransportKind kind) {
     std::vector<std::string> argv = {ferry_cli_path(), "-c", d.uri(kind), "--progress", "none"};
-    if (kind == TransportKind::tls) {
+    if (kind == TransportKind::tls || kind == TransportKind::grpcs) {
       const auto& m = test_tls_material();
       argv.insert(argv.end(), {"--tls-ca", m.ca.cert, "--tls-cert", m.client.cert, "--tls-key", m.client.key});
     }
@@ -431,7 +432,8 @@ TEST_P(VolumeTest, DaemonRestartAndReconnect) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, VolumeTest,
-                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls),
+                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls,
+                                           TransportKind::grpc, TransportKind::grpcs),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 // ---------------------------------------------------------------------------
