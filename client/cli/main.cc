@@ -378,7 +378,8 @@ int main(int argc, char** argv) {
   std::string uri = "ferry+unix://" + std::filesystem::absolute(ferry::daemon::default_socket_path()).lexically_normal().string();
   if (const char* env = std::getenv("FERRY_URI"); env && *env) uri = env;
   app.add_option("-c,--connect", uri,
-                 "daemon URI: ferry+unix:///path, ferry+tcp://host:port or ferry+tls://host:port ($FERRY_URI)");
+                 "daemon URI: ferry+unix:///path, ferry+tcp://host:port, ferry+tls://host:port, ferry+grpc://host:port "
+                 "or ferry+grpcs://host:port ($FERRY_URI)");
   Global g;
   app.add_flag("--json", g.json, "print results as JSON (one object per line for events)");
   app.add_flag("-q,--quiet", g.quiet, "print nothing on success");
