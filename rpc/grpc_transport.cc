@@ -10,6 +10,7 @@
 #include <grpcpp/support/channel_arguments.h>
 
 #include <algorithm>
+#include <asio/co_spawn.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/post.hpp>
 #include <asio/steady_timer.hpp>
@@ -379,7 +380,7 @@ class GrpcTransport final : public Transport {
     wakers_->write.cancel();
   }
 
-  // For the client's start-up: waits (on the strand) until the server's
+  // For the client's start-up: waits (run it on the strand) until the server's
   // initial metadata arrived; on failure, the reason.
   asio::awaitable<std::optional<Error>> wait_started(Clock::time_point deadline, const std::string& what) {
     for (;;) {
@@ -551,7 +552,10 @@ asio::awaitable<std::unique_ptr<Transport>> connect_grpc(asio::any_io_executor s
     stream->begin(*stub);
   }
   stub.reset();
-  auto failure = co_await transport->wait_started(Clock::now() + timeout, endpoint.to_string());
+  // On the transport's strand, where gRPC's wake-ups arrive (the caller
+  // runs on whatever executor it was given).
+  auto failure = co_await asio::co_spawn(
+      strand, transport->wait_started(Clock::now() + timeout, endpoint.to_string()), asio::use_awaitable);
   if (failure) throw *failure;
   co_return transport;
 }
