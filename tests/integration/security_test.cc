@@ -229,6 +229,61 @@ TEST_F(SecurityTest, ClientDnOutsideTheAllowedListIsRefused) {
   EXPECT_EQ(who(good).tls_subject(), "CN=client1,O=ferry tests");
 }
 
+// ---- gRPC (grpcs: takes the same certificates through gRPC's own TLS) ----
+
+TEST_F(SecurityTest, GrpcsClientWithGoodCertificateIsServedAndIdentified) {
+  FerrydProcess server(tls_args(tls_->server, {"--listen", "grpcs:127.0.0.1:0"}));
+  Client client = connect(server.uri(TransportKind::grpcs), good_client());
+  EXPECT_EQ(client.peer().transport, "grpcs");
+  auto me = who(client);
+  EXPECT_EQ(me.transport(), "grpcs");
+  EXPECT_EQ(me.tls_subject(), "CN=client1,O=ferry tests");
+  EXPECT_EQ(echo(client, "over grpcs"), "over grpcs");
+  round_trip(client, (24u << 20) + 12345);
+}
+
+TEST_F(SecurityTest, GrpcsClientWithoutCertificateOrFromAnotherCaIsRefused) {
+  FerrydProcess server(tls_args(tls_->server, {"--listen", "grpcs:127.0.0.1:0"}));
+  auto none = error_of([&] { connect(server.uri(TransportKind::grpcs), client_with(nullptr)); });
+  EXPECT_EQ(none.code(), Code::unavailable) << none.describe();
+  auto other = error_of([&] { connect(server.uri(TransportKind::grpcs), client_with(&tls_->client_other_ca)); });
+  EXPECT_EQ(other.code(), Code::unavailable) << other.describe();
+  EXPECT_NO_THROW(connect(server.uri(TransportKind::grpcs), good_client()));
+}
+
+TEST_F(SecurityTest, GrpcsServerCertificateFromAnotherCaIsRefused) {
+  FerrydProcess server(tls_args(tls_->server_other_ca, {"--listen", "grpcs:127.0.0.1:0"}));
+  auto error = error_of([&] { connect(server.uri(TransportKind::grpcs), good_client()); });
+  EXPECT_EQ(error.code(), Code::unavailable) << error.describe();
+}
+
+TEST_F(SecurityTest, GrpcsClientDnOutsideTheAllowedListIsRefused) {
+  FerrydProcess server(
+      tls_args(tls_->server, {"--listen", "grpcs:127.0.0.1:0", "--tls-allowed-dn", "CN=*,O=ferry tests"}));
+  auto error = error_of([&] { connect(server.uri(TransportKind::grpcs), client_with(&tls_->client_mallory)); });
+  EXPECT_EQ(error.code(), Code::permission_denied);
+  EXPECT_THAT(error.message(), HasSubstr("client certificate 'CN=mallory,O=elsewhere' is not in the allowed DN list"));
+  Client good = connect(server.uri(TransportKind::grpcs), good_client());
+  EXPECT_EQ(who(good).tls_subject(), "CN=client1,O=ferry tests");
+}
+
+TEST_F(SecurityTest, SaslOverGrpcAndPlainOnlyOverGrpcs) {
+  FerrydProcess server(join(tls_args(tls_->server, {"--listen", "grpcs:127.0.0.1:0", "--listen", "grpc:127.0.0.1:0",
+                                                    "--auth-tls", "sasl", "--auth-tcp", "sasl"}),
+                            sasl_args({"--sasl-mechanisms", "PLAIN,SCRAM-SHA-256"})));
+  Client scram = connect(server.uri(TransportKind::grpc), sasl_client("alice", "alice-secret"));
+  EXPECT_EQ(scram.server().mechanism, "SCRAM-SHA-256");
+  EXPECT_EQ(who(scram).user(), "alice");
+  rpc::ClientOptions plain = sasl_client("bob", "bob-secret", good_client());
+  plain.sasl.mechanisms = {"PLAIN"};
+  Client over_grpcs = connect(server.uri(TransportKind::grpcs), plain);
+  EXPECT_EQ(who(over_grpcs).mechanism(), "PLAIN");
+  rpc::ClientOptions plain_clear = sasl_client("bob", "bob-secret");
+  plain_clear.sasl.mechanisms = {"PLAIN"};
+  auto error = error_of([&] { connect(server.uri(TransportKind::grpc), plain_clear); });
+  EXPECT_THAT(error.message(), HasSubstr("PLAIN and LOGIN are only used over TLS"));
+}
+
 TEST_F(SecurityTest, PlaintextClientToTlsPortIsToldToUseTls) {
   FerrydProcess server(tls_args(tls_->server));
   auto error = error_of([&] { connect("ferry+tcp://127.0.0.1:" + std::to_string(server.tls_port()), {}); });
