@@ -383,6 +383,22 @@ TEST_P(RpcTest, TooManyClientsAreTurnedAwayWithTheReason) {
   EXPECT_TRUE(c.is_open());
 }
 
+TEST_P(RpcTest, FramesLargerThanOneGrpcMessageArriveWhole) {
+  // 20 MiB: under the 32 MiB frame limit, over the 16 MiB the gRPC
+  // transport puts in one message, so a frame spans two of them there.
+  FerrydProcess server;
+  Client client = connect(server);
+  test::v1::EchoCall call;
+  std::string payload(20u << 20, '\0');
+  for (std::size_t i = 0; i < payload.size(); ++i) payload[i] = static_cast<char>((i * 7919u) >> 5);
+  call.set_payload(payload);
+  auto reply = client.call_future<TestSvc::Echo>(call).get();
+  EXPECT_EQ(reply.received(), payload.size());
+  EXPECT_TRUE(reply.payload() == payload);
+  call.set_payload("small");
+  EXPECT_EQ(client.call_future<TestSvc::Echo>(call).get().payload(), "small");
+}
+
 TEST_P(RpcTest, OversizedRequestFailsLocallyAndTheConnectionLives) {
   FerrydProcess server({"--max-frame", "65536"});
   Client client = connect(server);
