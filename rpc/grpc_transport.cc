@@ -26,6 +26,7 @@
 #include <spdlog/spdlog.h>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "ferry/v1/tunnel.grpc.pb.h"
 #include "rpc/error.h"
@@ -271,6 +272,15 @@ class ServerStream final : public grpc::ServerBidiReactor<Frames, Frames>, publi
   bool finished_ = false;  // under shared_->mutex
 };
 
+// Channels whose call did not end in time: destroying one would abort
+// (see ClientStream), so they stay, reachable, until the process exits.
+void keep_forever(std::shared_ptr<grpc::Channel> channel) {
+  static std::mutex mutex;
+  static auto* const kept = new std::vector<std::shared_ptr<grpc::Channel>>;
+  std::lock_guard lock(mutex);
+  kept->push_back(std::move(channel));
+}
+
 class GrpcTransport final : public Transport {
  public:
   GrpcTransport(asio::any_io_executor strand, std::shared_ptr<Shared> shared, PeerIdentity peer,
@@ -293,7 +303,7 @@ class GrpcTransport final : public Transport {
       if (!shared_->done_cv.wait_for(lock, std::chrono::seconds(10), [&] { return shared_->done; })) {
         spdlog::warn("gRPC stream to {} did not end within 10 s of its cancellation; keeping its channel",
                      peer_.address);
-        new std::shared_ptr<grpc::Channel>(std::move(channel_));  // leaked on purpose: destroying it now aborts
+        keep_forever(std::move(channel_));  // destroying it now would abort
       }
     }
     channel_.reset();
@@ -437,6 +447,11 @@ class GrpcTransport final : public Transport {
     std::lock_guard lock(shared_->mutex);
     closed_ = true;
     shared_->closed = true;
+    // The reactor may outlive the transport and, in a process that is
+    // ending, the io_context: the last reference to Shared can go on a
+    // gRPC thread after the io_context is gone, so Shared must not keep a
+    // handle to the strand past this point.
+    shared_->strand = asio::any_io_executor();
     if (shared_->ops) {
       shared_->ops->release();
       shared_->ops = nullptr;
@@ -493,17 +508,27 @@ std::string unescape(const std::string& text) {
 // threads, and aborts the process. A channel that holds the queue for the
 // life of the process (never connected, never freed) keeps it up.
 void hold_callback_queue() {
-  static std::once_flag once;
-  std::call_once(once, [] {
-    struct Idle final : grpc::ClientBidiReactor<Frames, Frames> {
-      void OnDone(const grpc::Status&) override {}
-    };
-    auto* channel = new std::shared_ptr<grpc::Channel>(
-        grpc::CreateChannel("unix:/nonexistent/ferry-callback-queue", grpc::InsecureChannelCredentials()));
-    auto* stub = Tunnel::NewStub(*channel).release();
+  struct Idle final : grpc::ClientBidiReactor<Frames, Frames> {
+    void OnDone(const grpc::Status&) override {}
+  };
+  struct Held {
+    std::shared_ptr<grpc::Channel> channel;
+    std::unique_ptr<Tunnel::Stub> stub;
+    grpc::ClientContext context;
+    Idle reactor;
+  };
+  // Reachable from this static for the life of the process (so leak
+  // checkers see a singleton, not a leak); never destroyed, because
+  // destroying it is what shuts the queue down.
+  static Held* const held = [] {
+    auto* h = new Held;
+    h->channel = grpc::CreateChannel("unix:/nonexistent/ferry-callback-queue", grpc::InsecureChannelCredentials());
+    h->stub = Tunnel::NewStub(h->channel);
     // Creating the call (never started) makes the channel take the queue.
-    stub->async()->Connect(new grpc::ClientContext, new Idle);
-  });
+    h->stub->async()->Connect(&h->context, &h->reactor);
+    return h;
+  }();
+  (void)held;
 }
 
 }  // namespace

@@ -203,9 +203,18 @@ TEST_P(StreamTest, StalledReaderHoldsOneWindowAndStallsNothingElse) {
   EXPECT_LE(held, std::uint64_t{window} + client.stream_limits().chunk_size);
   const auto rss_during = stats(client).rss_bytes();
   // Stated bound: one window held for the stalled stream plus the buffer
-  // pool's idle cap (64 MiB) over the starting footprint.
-  EXPECT_LT(rss_during, rss_before + window + (64u << 20) + (16u << 20))
-      << "server RSS grew from " << rss_before << " to " << rss_during;
+  // pool's idle cap (64 MiB) over the starting footprint. Over gRPC every
+  // message is a heap allocation of gRPC's and the transport's, which a
+  // sanitizer's quarantine keeps resident after it is freed; the plain
+  // build checks the bound there.
+  bool check_rss = true;
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  check_rss = GetParam() != TransportKind::grpc && GetParam() != TransportKind::grpcs;
+#endif
+  if (check_rss) {
+    EXPECT_LT(rss_during, rss_before + window + (64u << 20) + (16u << 20))
+        << "server RSS grew from " << rss_before << " to " << rss_during;
+  }
   std::printf("server RSS %.1f MiB before, %.1f MiB with a stalled reader (window %u KiB)\n", rss_before / 1048576.0,
               rss_during / 1048576.0, window / 1024);
   // Abort the stalled upload: the writer and the call both end with it.
