@@ -48,6 +48,8 @@ struct Secured {
       address = listen_address(options, dir, wire == Wire::tcp);
     } else if (wire == Wire::sasl_layer) {
       address = "tcp:127.0.0.1:0";
+    } else if (wire == Wire::grpc) {
+      address = "grpc:127.0.0.1:0";
     } else {
       address = "tls:127.0.0.1:0";
     }
@@ -427,6 +429,8 @@ const char* to_string(Wire wire) {
       return "tcp with a SASL DIGEST-MD5 security layer";
     case Wire::tls_scram:
       return "TLS 1.3 (AES-256-GCM) + SASL SCRAM-SHA-256";
+    case Wire::grpc:
+      return "the gRPC transport (one Tunnel.Connect stream, plaintext)";
   }
   return "?";
 }

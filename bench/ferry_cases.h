@@ -28,6 +28,7 @@ enum class Wire {
   tls,         // TLS 1.3, tls_ciphersuite, server certificate verified, no client certificate
   sasl_layer,  // plain TCP, SASL DIGEST-MD5 with its security layer on every byte
   tls_scram,   // TLS as above, then SASL SCRAM-SHA-256
+  grpc,        // ferry's frames over one gRPC stream (rpc/grpc_transport.h), plaintext HTTP/2 on loopback
 };
 const char* to_string(Wire wire);
 // The suite both ferry and the raw OpenSSL baseline use (AES-GCM).
@@ -88,6 +89,7 @@ struct Ferryd {
   std::string uri() const {
     if (bound.rfind("unix:", 0) == 0) return "ferry+unix://" + bound.substr(5);
     if (bound.rfind("tls:", 0) == 0) return "ferry+tls://" + bound.substr(4);
+    if (bound.rfind("grpc:", 0) == 0) return "ferry+grpc://" + bound.substr(5);
     return "ferry+tcp://" + bound.substr(4);
   }
   std::string ready_file;

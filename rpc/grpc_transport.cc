@@ -2,6 +2,10 @@
 
 #include <grpc/grpc_security_constants.h>
 #include <grpcpp/channel.h>
+#include <grpcpp/generic/async_generic_service.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/slice.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/security/credentials.h>
 #include <grpcpp/security/server_credentials.h>
@@ -17,6 +21,7 @@
 #include <asio/strand.hpp>
 #include <asio/use_awaitable.hpp>
 #include <cctype>
+#include <cstdlib>
 #include <cstring>
 #include <condition_variable>
 #include <deque>
@@ -28,27 +33,209 @@
 #include <string>
 #include <vector>
 
-#include "ferry/v1/tunnel.grpc.pb.h"
 #include "rpc/error.h"
 
 namespace ferry::rpc {
 
 namespace {
 
-using ferry::v1::Frames;
-using ferry::v1::Tunnel;
+using grpc::ByteBuffer;
 using Clock = std::chrono::steady_clock;
 constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
 
 // Received messages kept queued before the reader stops asking for more.
-constexpr std::size_t kQueueBytes = 8u << 20;
+constexpr std::size_t kQueueBytes = 4u << 20;
+// The one method of proto/ferry/v1/tunnel.proto. Messages are built and
+// taken apart here rather than through the generated Frames class: a
+// Frames message is only the tag of field 1 (0x0a), a varint length and
+// the bytes, so they can go out as slices of pooled blocks and be read
+// straight out of the slices gRPC received, with one copy each way and no
+// message-sized allocation (which malloc trims and faults back in).
+constexpr const char* kConnectMethod = "/ferry.v1.Tunnel/Connect";
+
+// Fixed-size blocks for outgoing message bytes, shared by every gRPC
+// transport in the process. gRPC gives a block back (any thread) when it
+// has sent it; up to kIdleBlocks stay for reuse.
+class BlockPool {
+ public:
+  static constexpr std::size_t kBlock = 64u << 10;
+  static constexpr std::size_t kIdleBlocks = 256;
+
+  static BlockPool& instance() {
+    static BlockPool* const pool = new BlockPool;  // used by gRPC threads until exit
+    return *pool;
+  }
+  char* get() {
+    {
+      std::lock_guard lock(mutex_);
+      if (!idle_.empty()) {
+        char* block = idle_.back();
+        idle_.pop_back();
+        return block;
+      }
+    }
+    return new char[kBlock];
+  }
+  void put(char* block) {
+    {
+      std::lock_guard lock(mutex_);
+      if (idle_.size() < kIdleBlocks) {
+        idle_.push_back(block);
+        return;
+      }
+    }
+    delete[] block;
+  }
+  // A slice of `size` bytes of `block`, giving the block back when gRPC
+  // and every copy of the slice are done with it.
+  static grpc::Slice slice(char* block, std::size_t size) {
+    return grpc::Slice(block, size, [](void* b) { instance().put(static_cast<char*>(b)); }, block);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<char*> idle_;
+};
+
+// glibc hands a thread arena's free top back to the kernel whenever it
+// exceeds the trim threshold, which stays at 128 KiB until the process
+// frees its first block above the mmap threshold. gRPC reads on its own
+// threads into fresh buffers of up to a few hundred KiB; with the low
+// threshold every read faulted its pages in again, and a stream ran at
+// a fifth of its speed. Freeing one 4 MiB block makes glibc raise both
+// thresholds to that size (mmap) and twice it (trim) as it would by itself
+// after the first large free, so arenas keep a few MiB for reuse.
+void settle_malloc_thresholds() {
+#ifdef __GLIBC__
+  static std::once_flag once;
+  std::call_once(once, [] {
+    void* block = std::malloc(4u << 20);
+    if (!block) return;
+    static_cast<volatile char*>(block)[0] = 0;  // a block really allocated and freed
+    std::free(block);
+  });
+#endif
+}
+
+// One Frames message carrying `size` bytes gathered from `buffers`
+// starting at (*it, *offset), which advance past them.
+void build_message(ByteBuffer& out, std::span<const asio::const_buffer>::iterator& it, std::size_t& offset,
+                   std::size_t size) {
+  std::vector<grpc::Slice> slices;
+  slices.reserve(2 + size / BlockPool::kBlock);
+  unsigned char header[11];
+  std::size_t n = 0;
+  header[n++] = 0x0a;  // field 1, length-delimited
+  for (std::uint64_t v = size;; v >>= 7) {
+    header[n++] = static_cast<unsigned char>((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
+    if (v <= 0x7f) break;
+  }
+  slices.emplace_back(header, n);
+  std::size_t left = size;
+  while (left > 0) {
+    char* block = BlockPool::instance().get();
+    const std::size_t fill = std::min(left, BlockPool::kBlock);
+    std::size_t used = 0;
+    while (used < fill) {
+      const std::size_t take = std::min(it->size() - offset, fill - used);
+      std::memcpy(block + used, static_cast<const char*>(it->data()) + offset, take);
+      used += take;
+      offset += take;
+      if (offset == it->size()) {
+        ++it;
+        offset = 0;
+      }
+    }
+    slices.push_back(BlockPool::slice(block, fill));
+    left -= fill;
+  }
+  ByteBuffer message(slices.data(), slices.size());
+  out.Swap(&message);
+}
+
+// Received bytes not yet read: a range of a slice gRPC received.
+struct Piece {
+  grpc::Slice slice;
+  std::size_t begin;
+  std::size_t end;
+};
+
+// Takes a received Frames message apart into the pieces of its `data`
+// field; false when it is not a valid Frames message. Unknown fields are
+// skipped and, as protobuf does, a repeated field 1 keeps the last value.
+bool parse_message(const ByteBuffer& message, std::vector<Piece>& out) {
+  std::vector<grpc::Slice> slices;
+  if (!message.Dump(&slices).ok()) return false;
+  std::size_t i = 0, at = 0;
+  auto next_byte = [&](std::uint8_t& b) {
+    while (i < slices.size() && at == slices[i].size()) {
+      ++i;
+      at = 0;
+    }
+    if (i == slices.size()) return false;
+    b = slices[i].begin()[at++];
+    return true;
+  };
+  auto varint = [&](std::uint64_t& v) {
+    v = 0;
+    for (int shift = 0; shift < 64; shift += 7) {
+      std::uint8_t b;
+      if (!next_byte(b)) return false;
+      v |= std::uint64_t{b & 0x7fu} << shift;
+      if (!(b & 0x80)) return true;
+    }
+    return false;
+  };
+  // Walks `length` bytes, keeping them as pieces when `keep`.
+  auto take = [&](std::uint64_t length, bool keep) {
+    while (length > 0) {
+      if (i < slices.size() && at == slices[i].size()) {
+        ++i;
+        at = 0;
+        continue;
+      }
+      if (i == slices.size()) return false;
+      const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(length, slices[i].size() - at));
+      if (keep) out.push_back(Piece{slices[i], at, at + n});
+      at += n;
+      length -= n;
+    }
+    return true;
+  };
+  out.clear();
+  for (;;) {
+    std::uint8_t first;
+    if (!next_byte(first)) return true;  // the end, between fields
+    at--;  // re-read it as part of the tag varint
+    std::uint64_t tag, value;
+    if (!varint(tag)) return false;
+    switch (tag & 7) {
+      case 0:
+        if (!varint(value)) return false;
+        break;
+      case 1:
+        if (!take(8, false)) return false;
+        break;
+      case 5:
+        if (!take(4, false)) return false;
+        break;
+      case 2:
+        if (!varint(value)) return false;
+        if (tag >> 3 == 1) out.clear();
+        if (!take(value, tag >> 3 == 1)) return false;
+        break;
+      default:
+        return false;
+    }
+  }
+}
 
 // What the transport asks of the reactor (client or server side). Called
 // only under Shared::mutex and only while Shared::ops points at it.
 struct StreamOps {
   virtual ~StreamOps() = default;
-  virtual void start_read(Frames* message) = 0;
-  virtual void start_write(const Frames* message) = 0;
+  virtual void start_read(ByteBuffer* message) = 0;
+  virtual void start_write(const ByteBuffer* message) = 0;
   // Ends our sending direction; false when that ended the whole stream
   // (server: Finish), after which no operation may be started.
   virtual bool end_writes() = 0;
@@ -76,18 +263,23 @@ struct Shared : std::enable_shared_from_this<Shared> {
   std::weak_ptr<Wakers> wakers;
 
   // Read side.
-  Frames read_message;
+  ByteBuffer read_message;
   bool read_outstanding = false;
-  std::deque<std::string> queue;
-  std::size_t queue_offset = 0;  // consumed bytes of queue.front()
+  std::deque<Piece> queue;
   std::size_t queue_bytes = 0;
   bool ended = false;  // the peer finished or the stream failed: EOF after the queue
+  bool malformed = false;  // the peer sent something that is not a Frames message
 
   // Write side.
-  Frames write_message;
+  // Two messages: write_all fills one while gRPC sends the other, and
+  // returns once its message is handed to gRPC (as send() returns once the
+  // kernel has the bytes); a failure shows on the next write.
+  ByteBuffer write_messages[2];
+  int write_next = 0;  // the message write_all fills next
   bool write_outstanding = false;
   bool write_failed = false;
-  bool writes_ended = false;
+  bool writes_ended = false;      // shutdown_send ran
+  bool end_after_write = false;   // ...while a write was outstanding: end on its completion
 
   // Client start-up: the server's initial metadata (1), or failure (-1).
   int started = 0;
@@ -119,12 +311,23 @@ struct Shared : std::enable_shared_from_this<Shared> {
     std::lock_guard lock(mutex);
     read_outstanding = false;
     if (ok) {
-      std::string data = std::move(*read_message.mutable_data());
-      if (!data.empty()) {
-        queue_bytes += data.size();
-        queue.push_back(std::move(data));
+      std::vector<Piece> pieces;
+      if (parse_message(read_message, pieces)) {
+        for (auto& piece : pieces) {
+          queue_bytes += piece.end - piece.begin;
+          queue.push_back(std::move(piece));
+        }
+        read_message.Clear();
+        maybe_read_locked();
+      } else {
+        spdlog::warn("gRPC transport: a message on the stream is not a ferry.v1.Frames message; closing it");
+        malformed = true;
+        ended = true;
+        if (ops) {
+          ops->release();
+          ops = nullptr;
+        }
       }
-      maybe_read_locked();
     } else {
       ended = true;
     }
@@ -134,6 +337,10 @@ struct Shared : std::enable_shared_from_this<Shared> {
     std::lock_guard lock(mutex);
     write_outstanding = false;
     if (!ok) write_failed = true;
+    if (end_after_write) {
+      end_after_write = false;
+      if (ops && !ops->end_writes()) ops = nullptr;
+    }
     notify_locked();
   }
   void on_started(bool ok) {
@@ -169,17 +376,14 @@ struct Shared : std::enable_shared_from_this<Shared> {
     std::size_t total = 0;
     for (asio::mutable_buffer b : buffers) {
       while (b.size() > 0 && !queue.empty()) {
-        const std::string& front = queue.front();
-        const std::size_t n = std::min(b.size(), front.size() - queue_offset);
-        std::memcpy(b.data(), front.data() + queue_offset, n);
+        Piece& front = queue.front();
+        const std::size_t n = std::min(b.size(), front.end - front.begin);
+        std::memcpy(b.data(), front.slice.begin() + front.begin, n);
         b += n;
         total += n;
-        queue_offset += n;
+        front.begin += n;
         queue_bytes -= n;
-        if (queue_offset == front.size()) {
-          queue.pop_front();
-          queue_offset = 0;
-        }
+        if (front.begin == front.end) queue.pop_front();
       }
     }
     return total;
@@ -192,21 +396,21 @@ struct Shared : std::enable_shared_from_this<Shared> {
 // shuts down the callback queue all client reactions run on; destroyed
 // inside a reaction, or while a call on it is still in flight, that aborts
 // the process ("assertion failed: prior > 0" in grpc_cq_internal_unref).
-class ClientStream final : public grpc::ClientBidiReactor<Frames, Frames>, public StreamOps {
+class ClientStream final : public grpc::ClientBidiReactor<ByteBuffer, ByteBuffer>, public StreamOps {
  public:
   explicit ClientStream(std::shared_ptr<Shared> shared) : shared_(std::move(shared)) {}
 
   // Under shared->mutex.
-  void begin(Tunnel::Stub& stub) {
-    stub.async()->Connect(&context_, this);
+  void begin(grpc::GenericStub& stub) {
+    stub.PrepareBidiStreamingCall(&context_, kConnectMethod, grpc::StubOptions(), this);
     AddHold();  // OnDone waits for release(): we may still start operations until then
     shared_->ops = this;
     shared_->maybe_read_locked();
     StartCall();
   }
 
-  void start_read(Frames* message) override { StartRead(message); }
-  void start_write(const Frames* message) override { StartWrite(message); }
+  void start_read(ByteBuffer* message) override { StartRead(message); }
+  void start_write(const ByteBuffer* message) override { StartWrite(message); }
   bool end_writes() override {
     StartWritesDone();
     return true;
@@ -230,7 +434,7 @@ class ClientStream final : public grpc::ClientBidiReactor<Frames, Frames>, publi
   grpc::ClientContext context_;
 };
 
-class ServerStream final : public grpc::ServerBidiReactor<Frames, Frames>, public StreamOps {
+class ServerStream final : public grpc::ServerGenericBidiReactor, public StreamOps {
  public:
   ServerStream(grpc::CallbackServerContext* context, std::shared_ptr<Shared> shared)
       : context_(context), shared_(std::move(shared)) {
@@ -241,8 +445,8 @@ class ServerStream final : public grpc::ServerBidiReactor<Frames, Frames>, publi
     shared_->maybe_read_locked();
   }
 
-  void start_read(Frames* message) override { StartRead(message); }
-  void start_write(const Frames* message) override { StartWrite(message); }
+  void start_read(ByteBuffer* message) override { StartRead(message); }
+  void start_write(const ByteBuffer* message) override { StartWrite(message); }
   bool end_writes() override {
     finish(grpc::Status::OK);
     return false;
@@ -325,40 +529,26 @@ class GrpcTransport final : public Transport {
     auto it = buffers.begin();
     std::size_t offset = 0;  // into *it
     while (written < total) {
-      {
-        std::lock_guard lock(shared_->mutex);
-        if (closed_) co_return IoResult{asio::error::operation_aborted, written};
-        if (!shared_->ops || shared_->write_failed || shared_->writes_ended)
-          co_return IoResult{asio::error::broken_pipe, written};
-        // One message per write_all, unless it is larger than kGrpcMaxWrite.
-        std::string& data = *shared_->write_message.mutable_data();
-        data.clear();
-        const std::size_t size = std::min(total - written, kGrpcMaxWrite);
-        data.reserve(size);
-        while (data.size() < size) {
-          const std::size_t n = std::min(it->size() - offset, size - data.size());
-          data.append(static_cast<const char*>(it->data()) + offset, n);
-          offset += n;
-          if (offset == it->size()) {
-            ++it;
-            offset = 0;
-          }
-        }
-        shared_->write_outstanding = true;
-        shared_->ops->start_write(&shared_->write_message);
-      }
+      // Fill the message gRPC is not sending (no lock needed: only this
+      // coroutine touches it until it is started).
+      ByteBuffer& message = shared_->write_messages[shared_->write_next];
+      const std::size_t size = std::min(total - written, kGrpcMaxWrite);
+      build_message(message, it, offset, size);
+      // Then wait for the previous message to be taken and start this one.
       for (;;) {
         {
           std::lock_guard lock(shared_->mutex);
+          if (closed_) co_return IoResult{asio::error::operation_aborted, written};
+          if (shared_->write_failed) co_return IoResult{asio::error::connection_reset, written};
+          if (!shared_->ops || shared_->writes_ended) co_return IoResult{asio::error::broken_pipe, written};
           if (!shared_->write_outstanding) {
-            if (shared_->write_failed) co_return IoResult{asio::error::connection_reset, written};
-            written += shared_->write_message.data().size();
+            shared_->write_outstanding = true;
+            shared_->write_next ^= 1;
+            shared_->ops->start_write(&message);
+            written += size;
             break;
           }
         }
-        // An outstanding write after close(): gRPC completes it (cancelled)
-        // shortly; the message must live until then, which it does (Shared).
-        if (closed_) co_return IoResult{asio::error::operation_aborted, written};
         co_await wait(wakers_->write);
       }
     }
@@ -381,6 +571,10 @@ class GrpcTransport final : public Transport {
     std::lock_guard lock(shared_->mutex);
     if (shared_->writes_ended) return;
     shared_->writes_ended = true;
+    if (shared_->write_outstanding) {
+      shared_->end_after_write = true;  // after the last message, not beside it
+      return;
+    }
     if (shared_->ops && !shared_->ops->end_writes()) shared_->ops = nullptr;
   }
 
@@ -431,6 +625,7 @@ class GrpcTransport final : public Transport {
           shared_->maybe_read_locked();
           co_return IoResult{std::error_code{}, n};
         }
+        if (shared_->malformed) co_return IoResult{std::make_error_code(std::errc::bad_message), 0};
         if (shared_->ended) co_return IoResult{asio::error::eof, 0};
         shared_->maybe_read_locked();
       }
@@ -508,12 +703,12 @@ std::string unescape(const std::string& text) {
 // threads, and aborts the process. A channel that holds the queue for the
 // life of the process (never connected, never freed) keeps it up.
 void hold_callback_queue() {
-  struct Idle final : grpc::ClientBidiReactor<Frames, Frames> {
+  struct Idle final : grpc::ClientBidiReactor<ByteBuffer, ByteBuffer> {
     void OnDone(const grpc::Status&) override {}
   };
   struct Held {
     std::shared_ptr<grpc::Channel> channel;
-    std::unique_ptr<Tunnel::Stub> stub;
+    std::unique_ptr<grpc::GenericStub> stub;
     grpc::ClientContext context;
     Idle reactor;
   };
@@ -523,9 +718,9 @@ void hold_callback_queue() {
   static Held* const held = [] {
     auto* h = new Held;
     h->channel = grpc::CreateChannel("unix:/nonexistent/ferry-callback-queue", grpc::InsecureChannelCredentials());
-    h->stub = Tunnel::NewStub(h->channel);
+    h->stub = std::make_unique<grpc::GenericStub>(h->channel);
     // Creating the call (never started) makes the channel take the queue.
-    h->stub->async()->Connect(&h->context, &h->reactor);
+    h->stub->PrepareBidiStreamingCall(&h->context, kConnectMethod, grpc::StubOptions(), &h->reactor);
     return h;
   }();
   (void)held;
@@ -537,6 +732,7 @@ asio::awaitable<std::unique_ptr<Transport>> connect_grpc(asio::any_io_executor s
                                                          const TlsOptions* tls, std::chrono::milliseconds timeout) {
   const bool secure = endpoint.kind == Endpoint::Kind::grpcs;
   hold_callback_queue();
+  settle_malloc_thresholds();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(kGrpcMaxMessage);
   args.SetMaxSendMessageSize(kGrpcMaxMessage);
@@ -569,7 +765,7 @@ asio::awaitable<std::unique_ptr<Transport>> connect_grpc(asio::any_io_executor s
     peer.tls_version = "TLS (gRPC)";
     peer.tls_bits = 128;
   }
-  auto stub = Tunnel::NewStub(channel);
+  auto stub = std::make_unique<grpc::GenericStub>(channel);
   auto transport = std::make_unique<GrpcTransport>(strand, shared, std::move(peer), std::move(channel));
   {
     std::lock_guard lock(shared->mutex);
@@ -586,12 +782,13 @@ asio::awaitable<std::unique_ptr<Transport>> connect_grpc(asio::any_io_executor s
 }
 
 struct GrpcListener::Impl {
-  class Service final : public Tunnel::CallbackService {
+  class Service final : public grpc::CallbackGenericService {
    public:
     Service(bool secure, ExecutorFor executor_for, Accept accept)
         : secure_(secure), executor_for_(std::move(executor_for)), accept_(std::move(accept)) {}
 
-    grpc::ServerBidiReactor<Frames, Frames>* Connect(grpc::CallbackServerContext* context) override {
+    grpc::ServerGenericBidiReactor* CreateReactor(grpc::GenericCallbackServerContext* context) override {
+      if (context->method() != kConnectMethod) return grpc::CallbackGenericService::CreateReactor(context);
       auto shared = std::make_shared<Shared>();
       shared->strand = asio::make_strand(executor_for_());
       PeerIdentity peer;
@@ -627,6 +824,7 @@ struct GrpcListener::Impl {
 GrpcListener::GrpcListener(const Endpoint& endpoint, const TlsOptions& tls, ExecutorFor executor_for, Accept accept)
     : impl_(std::make_unique<Impl>()) {
   const bool secure = endpoint.kind == Endpoint::Kind::grpcs;
+  settle_malloc_thresholds();
   std::shared_ptr<grpc::ServerCredentials> credentials;
   if (secure) {
     if (tls.cert_file.empty() || tls.key_file.empty())
@@ -649,7 +847,7 @@ GrpcListener::GrpcListener(const Endpoint& endpoint, const TlsOptions& tls, Exec
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
   int port = 0;
   builder.AddListeningPort(host_port(endpoint), credentials, &port);
-  builder.RegisterService(impl_->service.get());
+  builder.RegisterCallbackGenericService(impl_->service.get());
   impl_->server = builder.BuildAndStart();
   if (!impl_->server || port == 0)
     throw Error(Code::unavailable, "cannot listen on " + endpoint.to_string() + ": gRPC could not bind the address");
