@@ -117,40 +117,22 @@ void settle_malloc_thresholds() {
 #endif
 }
 
-// One Frames message carrying `size` bytes gathered from `buffers`
-// starting at (*it, *offset), which advance past them.
-void build_message(ByteBuffer& out, std::span<const asio::const_buffer>::iterator& it, std::size_t& offset,
-                   std::size_t size) {
+// One Frames message of `bytes` bytes held in `blocks` (each with the
+// count of bytes used), which the message's slices then own.
+ByteBuffer build_message(std::vector<std::pair<char*, std::size_t>>& blocks, std::size_t bytes) {
   std::vector<grpc::Slice> slices;
-  slices.reserve(2 + size / BlockPool::kBlock);
+  slices.reserve(1 + blocks.size());
   unsigned char header[11];
   std::size_t n = 0;
   header[n++] = 0x0a;  // field 1, length-delimited
-  for (std::uint64_t v = size;; v >>= 7) {
+  for (std::uint64_t v = bytes;; v >>= 7) {
     header[n++] = static_cast<unsigned char>((v & 0x7f) | (v > 0x7f ? 0x80 : 0));
     if (v <= 0x7f) break;
   }
   slices.emplace_back(header, n);
-  std::size_t left = size;
-  while (left > 0) {
-    char* block = BlockPool::instance().get();
-    const std::size_t fill = std::min(left, BlockPool::kBlock);
-    std::size_t used = 0;
-    while (used < fill) {
-      const std::size_t take = std::min(it->size() - offset, fill - used);
-      std::memcpy(block + used, static_cast<const char*>(it->data()) + offset, take);
-      used += take;
-      offset += take;
-      if (offset == it->size()) {
-        ++it;
-        offset = 0;
-      }
-    }
-    slices.push_back(BlockPool::slice(block, fill));
-    left -= fill;
-  }
-  ByteBuffer message(slices.data(), slices.size());
-  out.Swap(&message);
+  for (auto& [block, used] : blocks) slices.push_back(BlockPool::slice(block, used));
+  blocks.clear();
+  return ByteBuffer(slices.data(), slices.size());
 }
 
 // Received bytes not yet read: a range of a slice gRPC received.
@@ -270,16 +252,24 @@ struct Shared : std::enable_shared_from_this<Shared> {
   bool ended = false;  // the peer finished or the stream failed: EOF after the queue
   bool malformed = false;  // the peer sent something that is not a Frames message
 
-  // Write side.
-  // Two messages: write_all fills one while gRPC sends the other, and
-  // returns once its message is handed to gRPC (as send() returns once the
-  // kernel has the bytes); a failure shows on the next write.
-  ByteBuffer write_messages[2];
-  int write_next = 0;  // the message write_all fills next
+  // Write side. write_all copies into `pending` and returns (as send()
+  // returns once the kernel has the bytes); whatever gathers while a
+  // message is in flight goes out as the next one, started by the gRPC
+  // thread that saw the last one sent, so a busy sender costs no wake-up
+  // of the strand per message. A failure shows on the next write.
+  ByteBuffer write_message;  // the one gRPC is sending
+  std::vector<std::pair<char*, std::size_t>> pending;  // blocks and the bytes used in each
+  std::size_t pending_bytes = 0;
   bool write_outstanding = false;
   bool write_failed = false;
   bool writes_ended = false;      // shutdown_send ran
-  bool end_after_write = false;   // ...while a write was outstanding: end on its completion
+  bool end_after_write = false;   // ...while bytes were still going out: end after them
+
+  // Set by a coroutine (under the mutex) just before it waits; a reaction
+  // wakes it only then, so that messages arriving or leaving while nobody
+  // waits cost no post to the strand.
+  bool reader_waiting = false;
+  bool writer_waiting = false;
 
   // Client start-up: the server's initial metadata (1), or failure (-1).
   int started = 0;
@@ -287,15 +277,57 @@ struct Shared : std::enable_shared_from_this<Shared> {
   std::string final_status;
   bool closed = false;  // close() ran: no more wake-ups
 
-  // Wakes whatever waits on the strand. Any thread; mutex held or not.
-  void notify_locked() {
-    if (closed) return;
-    asio::post(strand, [w = wakers] {
+  ~Shared() {
+    for (auto& [block, used] : pending) BlockPool::instance().put(block);
+  }
+
+  // Wakes the reader and/or writer if it waits on the strand. Any thread,
+  // under the mutex.
+  void wake_locked(bool reader, bool writer) {
+    reader = reader && reader_waiting;
+    writer = writer && writer_waiting;
+    if (closed || (!reader && !writer)) return;
+    if (reader) reader_waiting = false;
+    if (writer) writer_waiting = false;
+    asio::post(strand, [w = wakers, reader, writer] {
       if (auto wakers = w.lock()) {
-        wakers->read.cancel();
-        wakers->write.cancel();
+        if (reader) wakers->read.cancel();
+        if (writer) wakers->write.cancel();
       }
     });
+  }
+  void wake_both_locked() { wake_locked(true, true); }
+
+  // Copies up to `limit` bytes from (it, offset), advancing them, into the
+  // pending blocks; returns the count.
+  std::size_t append_locked(std::span<const asio::const_buffer>::iterator& it, std::size_t& offset,
+                            std::size_t limit) {
+    std::size_t copied = 0;
+    while (copied < limit) {
+      if (pending.empty() || pending.back().second == BlockPool::kBlock)
+        pending.emplace_back(BlockPool::instance().get(), 0);
+      auto& [block, used] = pending.back();
+      const std::size_t n = std::min({it->size() - offset, limit - copied, BlockPool::kBlock - used});
+      std::memcpy(block + used, static_cast<const char*>(it->data()) + offset, n);
+      used += n;
+      copied += n;
+      offset += n;
+      if (offset == it->size()) {
+        ++it;
+        offset = 0;
+      }
+    }
+    pending_bytes += copied;
+    return copied;
+  }
+
+  // Sends what is pending as one message (nothing may be in flight).
+  void start_pending_locked() {
+    ByteBuffer message = build_message(pending, pending_bytes);
+    write_message.Swap(&message);
+    pending_bytes = 0;
+    write_outstanding = true;
+    ops->start_write(&write_message);
   }
 
   // Asks gRPC for the next message if none is pending and the queue has room.
@@ -331,22 +363,25 @@ struct Shared : std::enable_shared_from_this<Shared> {
     } else {
       ended = true;
     }
-    notify_locked();
+    wake_locked(true, false);
   }
   void on_write_done(bool ok) {
     std::lock_guard lock(mutex);
     write_outstanding = false;
-    if (!ok) write_failed = true;
-    if (end_after_write) {
+    if (!ok) {
+      write_failed = true;
+    } else if (ops && pending_bytes > 0) {
+      start_pending_locked();
+    } else if (end_after_write) {
       end_after_write = false;
       if (ops && !ops->end_writes()) ops = nullptr;
     }
-    notify_locked();
+    wake_locked(false, true);
   }
   void on_started(bool ok) {
     std::lock_guard lock(mutex);
     started = ok ? 1 : -1;
-    notify_locked();
+    wake_both_locked();
   }
   void on_cancel() {
     std::lock_guard lock(mutex);
@@ -356,7 +391,7 @@ struct Shared : std::enable_shared_from_this<Shared> {
       ops->release();
       ops = nullptr;
     }
-    notify_locked();
+    wake_both_locked();
   }
   void on_done(const grpc::Status& status) {
     std::lock_guard lock(mutex);
@@ -367,7 +402,7 @@ struct Shared : std::enable_shared_from_this<Shared> {
     if (!status.ok())
       final_status = status.error_message().empty() ? "gRPC status " + std::to_string(status.error_code())
                                                     : status.error_message();
-    notify_locked();
+    wake_both_locked();
     done_cv.notify_all();
   }
 
@@ -529,28 +564,19 @@ class GrpcTransport final : public Transport {
     auto it = buffers.begin();
     std::size_t offset = 0;  // into *it
     while (written < total) {
-      // Fill the message gRPC is not sending (no lock needed: only this
-      // coroutine touches it until it is started).
-      ByteBuffer& message = shared_->write_messages[shared_->write_next];
-      const std::size_t size = std::min(total - written, kGrpcMaxWrite);
-      build_message(message, it, offset, size);
-      // Then wait for the previous message to be taken and start this one.
-      for (;;) {
-        {
-          std::lock_guard lock(shared_->mutex);
-          if (closed_) co_return IoResult{asio::error::operation_aborted, written};
-          if (shared_->write_failed) co_return IoResult{asio::error::connection_reset, written};
-          if (!shared_->ops || shared_->writes_ended) co_return IoResult{asio::error::broken_pipe, written};
-          if (!shared_->write_outstanding) {
-            shared_->write_outstanding = true;
-            shared_->write_next ^= 1;
-            shared_->ops->start_write(&message);
-            written += size;
-            break;
-          }
+      {
+        std::lock_guard lock(shared_->mutex);
+        if (closed_) co_return IoResult{asio::error::operation_aborted, written};
+        if (shared_->write_failed) co_return IoResult{asio::error::connection_reset, written};
+        if (!shared_->ops || shared_->writes_ended) co_return IoResult{asio::error::broken_pipe, written};
+        if (shared_->pending_bytes < kGrpcMaxWrite) {
+          written += shared_->append_locked(it, offset, std::min(total - written, kGrpcMaxWrite - shared_->pending_bytes));
+          if (!shared_->write_outstanding) shared_->start_pending_locked();
+          continue;
         }
-        co_await wait(wakers_->write);
+        shared_->writer_waiting = true;  // a full message waits: until it is started
       }
+      co_await wait(wakers_->write);
     }
     co_return IoResult{std::error_code{}, written};
   }
@@ -562,6 +588,7 @@ class GrpcTransport final : public Transport {
         if (closed_) co_return asio::error::operation_aborted;
         if (!shared_->queue.empty() || shared_->ended) co_return std::error_code{};
         shared_->maybe_read_locked();
+        shared_->reader_waiting = true;
       }
       co_await wait(wakers_->read);
     }
@@ -572,7 +599,7 @@ class GrpcTransport final : public Transport {
     if (shared_->writes_ended) return;
     shared_->writes_ended = true;
     if (shared_->write_outstanding) {
-      shared_->end_after_write = true;  // after the last message, not beside it
+      shared_->end_after_write = true;  // after the last bytes, not beside them
       return;
     }
     if (shared_->ops && !shared_->ops->end_writes()) shared_->ops = nullptr;
@@ -607,6 +634,7 @@ class GrpcTransport final : public Transport {
           }
           co_return Error(Code::deadline_exceeded, "cannot connect to " + what + ": timed out");
         }
+        shared_->reader_waiting = true;
       }
       wakers_->read.expires_at(deadline);
       co_await wakers_->read.async_wait(use_tuple);
@@ -628,6 +656,7 @@ class GrpcTransport final : public Transport {
         if (shared_->malformed) co_return IoResult{std::make_error_code(std::errc::bad_message), 0};
         if (shared_->ended) co_return IoResult{asio::error::eof, 0};
         shared_->maybe_read_locked();
+        shared_->reader_waiting = true;
       }
       co_await wait(wakers_->read);
     }

@@ -1,9 +1,11 @@
 // The gRPC transport: ferry's byte stream over one bidirectional gRPC
 // stream (proto/ferry/v1/tunnel.proto, Tunnel.Connect), for networks where
-// only HTTP/2 gets through. Frames are not changed in any way: every
-// write_all becomes one Frames message holding the gathered bytes, and the
-// reader sees the messages as one continuous stream, so the Connection,
-// Hello, SASL and every service work unchanged on top.
+// only HTTP/2 gets through. Frames are not changed in any way: written
+// bytes go out as Frames messages (a write_all while the stream is idle at
+// once; whatever is written while a message is in flight gathered into
+// the next, up to kGrpcMaxWrite), and the reader sees the messages as one
+// continuous stream, so the Connection, Hello, SASL and every service work
+// unchanged on top.
 //
 // gRPC's callback API runs its reactions on gRPC's own threads; they only
 // queue what arrived (or note that a write finished) and wake the
@@ -35,10 +37,11 @@
 
 namespace ferry::rpc {
 
-// Largest gRPC message either side sends or accepts; a write_all larger
-// than kGrpcMaxWrite is split into several messages.
+// Largest gRPC message either side accepts, and the most bytes one
+// message carries (and write_all holds back while one is in flight: small
+// frames written behind bulk data wait for at most this much).
 inline constexpr int kGrpcMaxMessage = 64 << 20;
-inline constexpr std::size_t kGrpcMaxWrite = 16u << 20;
+inline constexpr std::size_t kGrpcMaxWrite = 1u << 20;
 
 // Client side: a new channel to `endpoint` (grpc: or grpcs:) and a Connect
 // stream on it, the transport running on `strand`. grpcs: takes the CA,
