@@ -283,6 +283,10 @@ void copies_a_sparse_file_into_a_volume(TransportKind transport) {
 
 TEST(CopyLocalFileToVolume, OverUnix) { copies_a_sparse_file_into_a_volume(TransportKind::unix_socket); }
 TEST(CopyLocalFileToVolume, OverTcp) { copies_a_sparse_file_into_a_volume(TransportKind::tcp); }
+TEST(CopyLocalFileToVolume, OverGrpc) {
+  FerrydProcess::GrpcListeners grpc;
+  copies_a_sparse_file_into_a_volume(TransportKind::grpc);
+}
 
 // ---------------------------------------------------------------------------
 // Volume -> local file.

@@ -33,10 +33,11 @@ namespace v1 = ferry::v1;
 
 class MigrationTest : public ::testing::TestWithParam<TransportKind> {
  protected:
+  bool secure() const { return GetParam() == TransportKind::tls || GetParam() == TransportKind::grpcs; }
   // The destination as the source daemon reaches it, and the options the
-  // source daemon needs for that (a client certificate over TLS).
+  // source daemon needs for that (a client certificate over TLS and grpcs).
   std::vector<std::string> source_args() {
-    if (GetParam() != TransportKind::tls) return {};
+    if (!secure()) return {};
     const auto& m = test_tls_material();
     cfg_ = files_.path() + "/source.toml";
     std::ofstream(cfg_) << "[migration]\ntls_ca = \"" << m.ca.cert << "\"\ntls_cert = \"" << m.client.cert
@@ -45,8 +46,9 @@ class MigrationTest : public ::testing::TestWithParam<TransportKind> {
     return {"--config", cfg_};
   }
   std::string source_pool(const FerrydProcess& a) const {
-    return GetParam() == TransportKind::tls ? files_.path() + "/source-pool" : a.pool_dir();
+    return secure() ? files_.path() + "/source-pool" : a.pool_dir();
   }
+  FerrydProcess::GrpcListeners grpc_{GetParam() == TransportKind::grpc || GetParam() == TransportKind::grpcs};
   TempDir files_;
   std::string cfg_;
 };
@@ -82,7 +84,8 @@ TEST_P(MigrationTest, CopiesASparseVolumeAndVerifiesIt) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, MigrationTest,
-                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls),
+                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls,
+                                           TransportKind::grpc, TransportKind::grpcs),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 TEST(MigrationRules, RefusesAnExistingVolumeUnlessOverwritten) {
