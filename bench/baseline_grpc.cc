@@ -322,10 +322,12 @@ struct GrpcPeer {
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<EchoService::Stub> stub;
 
-  GrpcPeer(const CaseOptions& options, bool tcp, bool use_tls) {
+  GrpcPeer(const CaseOptions& options, bool tcp, bool use_tls, bool raised_malloc_thresholds = false) {
+    if (raised_malloc_thresholds) raise_malloc_thresholds();
     std::string listen = options.addr.empty() ? (tcp || use_tls ? "tcp:127.0.0.1:0" : dir.unix_address("grpc.sock"))
                                               : options.addr;
     std::vector<std::string> argv = {self_exe(), "serve-grpc", "--listen", listen};
+    if (raised_malloc_thresholds) argv.push_back("--raise-malloc-thresholds");
     std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
     if (use_tls) {
       tls = testing::make_tls_material(dir.path().string());
@@ -355,8 +357,12 @@ std::string grpc_version() { return "gRPC " + std::string(GRPC_CPP_VERSION_STRIN
 
 }  // namespace
 
-Measurement grpc_upload(const CaseOptions& options, bool tls, std::uint64_t total) {
-  GrpcPeer peer(options, true, tls);
+std::string malloc_note(bool raised) {
+  return raised ? ", glibc mmap/trim thresholds raised to 32/256 MiB in both processes" : "";
+}
+
+Measurement grpc_upload(const CaseOptions& options, bool tls, std::uint64_t total, bool raised_malloc_thresholds) {
+  GrpcPeer peer(options, true, tls, raised_malloc_thresholds);
   Chunk chunk;
   chunk.mutable_data()->assign(default_chunk_bytes, '\x5a');
   grpc::ClientContext context;
@@ -373,11 +379,12 @@ Measurement grpc_upload(const CaseOptions& options, bool tls, std::uint64_t tota
     throw std::runtime_error("gRPC server counted " + std::to_string(summary.bytes()) + " of " + std::to_string(total));
   return {static_cast<double>(summary.bytes()) / secs / 1e6, "MB/s",
           grpc_version() + " client-streaming Upload, 256 KiB bytes messages, sync API, default channel and server " +
-              "args, over tcp" + (tls ? " with TLS (gRPC SSL credentials)" : "") + ", server counts and drops"};
+              "args, over tcp" + (tls ? " with TLS (gRPC SSL credentials)" : "") + ", server counts and drops" +
+              malloc_note(raised_malloc_thresholds)};
 }
 
-Measurement grpc_download(const CaseOptions& options, bool tls, std::uint64_t total) {
-  GrpcPeer peer(options, true, tls);
+Measurement grpc_download(const CaseOptions& options, bool tls, std::uint64_t total, bool raised_malloc_thresholds) {
+  GrpcPeer peer(options, true, tls, raised_malloc_thresholds);
   DownloadRequest request;
   request.set_total_bytes(total);
   grpc::ClientContext context;
@@ -392,7 +399,7 @@ Measurement grpc_download(const CaseOptions& options, bool tls, std::uint64_t to
   if (got != total) throw std::runtime_error("gRPC download short: " + std::to_string(got) + " of " + std::to_string(total));
   return {static_cast<double>(got) / secs / 1e6, "MB/s",
           grpc_version() + " server-streaming Download, 256 KiB bytes messages, sync API, default args, over tcp" +
-              (tls ? " with TLS" : "") + ", client reads and drops"};
+              (tls ? " with TLS" : "") + ", client reads and drops" + malloc_note(raised_malloc_thresholds)};
 }
 
 Measurement grpc_call_p99(const CaseOptions& options) {
@@ -458,8 +465,10 @@ namespace ferry::bench {
 int serve_grpc(const std::string&, const std::string&, const std::string&) {
   throw Unavailable("gRPC baseline not built");
 }
-Measurement grpc_upload(const CaseOptions&, bool, std::uint64_t) { throw Unavailable("gRPC baseline not built"); }
-Measurement grpc_download(const CaseOptions&, bool, std::uint64_t) { throw Unavailable("gRPC baseline not built"); }
+Measurement grpc_upload(const CaseOptions&, bool, std::uint64_t, bool) { throw Unavailable("gRPC baseline not built"); }
+Measurement grpc_download(const CaseOptions&, bool, std::uint64_t, bool) {
+  throw Unavailable("gRPC baseline not built");
+}
 Measurement grpc_call_p99(const CaseOptions&) { throw Unavailable("gRPC baseline not built"); }
 
 Measurement grpc_echo_inflight(const CaseOptions&, int, bool) {
@@ -469,3 +478,15 @@ Measurement grpc_echo_inflight(const CaseOptions&, int, bool) {
 }  // namespace ferry::bench
 
 #endif
+
+#include <malloc.h>
+
+namespace ferry::bench {
+
+void raise_malloc_thresholds() {
+  // Setting either threshold also turns off glibc's own adjustment of both.
+  mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  mallopt(M_TRIM_THRESHOLD, 256 << 20);
+}
+
+}  // namespace ferry::bench

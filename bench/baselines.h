@@ -34,8 +34,13 @@ Measurement grpc_echo_inflight(const CaseOptions& options, int inflight, bool tc
 // API, default arguments, TCP on loopback, optionally TLS), and the p99 of
 // unary Echo calls, one a millisecond, on the channel of a saturating
 // Download (a unix socket, like ferry's stream.call_p99_under_load).
-Measurement grpc_upload(const CaseOptions& options, bool tls, std::uint64_t total);
-Measurement grpc_download(const CaseOptions& options, bool tls, std::uint64_t total);
+// With `raised_malloc_thresholds`, both the client and the server process
+// first raise glibc's mmap and trim thresholds (raise_malloc_thresholds),
+// which takes away the spread gRPC's receive buffers otherwise show.
+Measurement grpc_upload(const CaseOptions& options, bool tls, std::uint64_t total,
+                        bool raised_malloc_thresholds = false);
+Measurement grpc_download(const CaseOptions& options, bool tls, std::uint64_t total,
+                          bool raised_malloc_thresholds = false);
 Measurement grpc_call_p99(const CaseOptions& options);
 
 // tls.stream.upload / tls.stream.download: the same bytes over a raw
@@ -59,6 +64,10 @@ int serve_file(const std::string& listen, const std::string& dir);
 // `listen` is "unix:PATH", "HOST:PORT" or "tcp:HOST:PORT"; port 0 picks one.
 // With a certificate and key (PEM files), TLS with gRPC's SSL credentials.
 int serve_grpc(const std::string& listen, const std::string& cert = {}, const std::string& key = {});
+// mallopt: mmap threshold 32 MiB, trim threshold 256 MiB, for the whole
+// process (the same as GLIBC_TUNABLES=glibc.malloc.mmap_threshold=33554432:
+// glibc.malloc.trim_threshold=268435456).
+void raise_malloc_thresholds();
 // TLS sink (source = false) or source, with this certificate and key.
 int serve_tls(const std::string& listen, const std::string& cert, const std::string& key, bool source);
 

@@ -7,6 +7,7 @@
 //   ferry_bench serve-raw-sink --listen unix:PATH|tcp:HOST:PORT
 //   ferry_bench serve-file     --listen unix:PATH|tcp:HOST:PORT --dir DIR
 //   ferry_bench serve-grpc     --listen unix:PATH|HOST:PORT [--cert PEM --key PEM]
+//                              [--raise-malloc-thresholds]
 //   ferry_bench rows
 //
 // `measure` prints exactly one JSON line on stdout,
@@ -91,9 +92,11 @@ const std::vector<Row>& rows() {
        grpc_call_p99},
       {"grpc.tunnel.upload",
        [](const CaseOptions& o) { return ferry_stream_upload(o, Wire::grpc, 1, stream_total_bytes(o.quick)); },
-       [](const CaseOptions& o) { return grpc_upload(o, false, stream_total_bytes(o.quick)); }},
+       [](const CaseOptions& o) { return grpc_upload(o, false, stream_total_bytes(o.quick)); },
+       [](const CaseOptions& o) { return grpc_upload(o, false, stream_total_bytes(o.quick), true); }},
       {"grpc.tunnel.download", [](const CaseOptions& o) { return ferry_stream_download(o, Wire::grpc); },
-       [](const CaseOptions& o) { return grpc_download(o, false, stream_total_bytes(o.quick)); }},
+       [](const CaseOptions& o) { return grpc_download(o, false, stream_total_bytes(o.quick)); },
+       [](const CaseOptions& o) { return grpc_download(o, false, stream_total_bytes(o.quick), true); }},
       {"grpc.tunnel.echo128", [](const CaseOptions& o) { return ferry_echo_inflight(o, 128, Wire::grpc); },
        [](const CaseOptions& o) { return grpc_echo_inflight(o, 128, true); }},
       {"rpc.body.unix", [](const CaseOptions& o) { return ferry_body(o, false); },
@@ -306,9 +309,10 @@ int run(int argc, char** argv) {
   if (command == "serve-grpc") {
     std::vector<std::string> positional;
     std::map<std::string, std::string> flags;
-    if (!parse_flags(argc, argv, 2, positional, flags, {}, {"listen", "cert", "key"}) || !flags.contains("listen") ||
-        flags.contains("cert") != flags.contains("key"))
-      return usage("serve-grpc takes --listen ADDR [--cert PEM --key PEM]");
+    if (!parse_flags(argc, argv, 2, positional, flags, {"raise-malloc-thresholds"}, {"listen", "cert", "key"}) ||
+        !flags.contains("listen") || flags.contains("cert") != flags.contains("key"))
+      return usage("serve-grpc takes --listen ADDR [--cert PEM --key PEM] [--raise-malloc-thresholds]");
+    if (flags.contains("raise-malloc-thresholds")) raise_malloc_thresholds();
     return serve_grpc(flags["listen"], flags["cert"], flags["key"]);
   }
   if (command == "serve-tls-sink" || command == "serve-tls-source") {
