@@ -284,6 +284,7 @@ void copies_a_sparse_file_into_a_volume(TransportKind transport) {
 TEST(CopyLocalFileToVolume, OverUnix) { copies_a_sparse_file_into_a_volume(TransportKind::unix_socket); }
 TEST(CopyLocalFileToVolume, OverTcp) { copies_a_sparse_file_into_a_volume(TransportKind::tcp); }
 TEST(CopyLocalFileToVolume, OverGrpc) {
+  FERRY_SKIP_GRPC_UNDER_TSAN();
   FerrydProcess::GrpcListeners grpc;
   copies_a_sparse_file_into_a_volume(TransportKind::grpc);
 }

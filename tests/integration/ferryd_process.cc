@@ -20,6 +20,12 @@ namespace ferry::testing {
 
 namespace fs = std::filesystem;
 
+std::vector<TransportKind> all_transports() {
+  std::vector<TransportKind> kinds = {TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls};
+  if (!kGrpcUnderTsan) kinds.insert(kinds.end(), {TransportKind::grpc, TransportKind::grpcs});
+  return kinds;
+}
+
 const char* to_string(TransportKind kind) {
   switch (kind) {
     case TransportKind::unix_socket:

@@ -84,8 +84,7 @@ TEST_P(MigrationTest, CopiesASparseVolumeAndVerifiesIt) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, MigrationTest,
-                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls,
-                                           TransportKind::grpc, TransportKind::grpcs),
+                         ::testing::ValuesIn(all_transports()),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 TEST(MigrationRules, RefusesAnExistingVolumeUnlessOverwritten) {

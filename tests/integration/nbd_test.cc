@@ -306,8 +306,7 @@ TEST_P(NbdBridgeTest, InterruptStopsTheBridgeAndTheDaemonServesOn) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, NbdBridgeTest,
-                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls,
-                                           TransportKind::grpc, TransportKind::grpcs),
+                         ::testing::ValuesIn(all_transports()),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 // ---------------------------------------------------------------------------

@@ -384,8 +384,8 @@ TEST_P(RpcTest, TooManyClientsAreTurnedAwayWithTheReason) {
 }
 
 TEST_P(RpcTest, FramesLargerThanOneGrpcMessageArriveWhole) {
-  // 20 MiB: under the 32 MiB frame limit, over the 16 MiB the gRPC
-  // transport puts in one message, so a frame spans two of them there.
+  // 20 MiB: under the 32 MiB frame limit, over the 1 MiB the gRPC
+  // transport puts in one message, so a frame spans twenty of them there.
   FerrydProcess server;
   Client client = connect(server);
   test::v1::EchoCall call;
@@ -508,8 +508,7 @@ TEST_P(RpcTest, ConnectingToNothingSaysSoClearly) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, RpcTest,
-                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls,
-                                           TransportKind::grpc, TransportKind::grpcs),
+                         ::testing::ValuesIn(all_transports()),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 }  // namespace

@@ -232,6 +232,7 @@ TEST_F(SecurityTest, ClientDnOutsideTheAllowedListIsRefused) {
 // ---- gRPC (grpcs: takes the same certificates through gRPC's own TLS) ----
 
 TEST_F(SecurityTest, GrpcsClientWithGoodCertificateIsServedAndIdentified) {
+  FERRY_SKIP_GRPC_UNDER_TSAN();
   FerrydProcess server(tls_args(tls_->server, {"--listen", "grpcs:127.0.0.1:0"}));
   Client client = connect(server.uri(TransportKind::grpcs), good_client());
   EXPECT_EQ(client.peer().transport, "grpcs");
@@ -243,6 +244,7 @@ TEST_F(SecurityTest, GrpcsClientWithGoodCertificateIsServedAndIdentified) {
 }
 
 TEST_F(SecurityTest, GrpcsClientWithoutCertificateOrFromAnotherCaIsRefused) {
+  FERRY_SKIP_GRPC_UNDER_TSAN();
   FerrydProcess server(tls_args(tls_->server, {"--listen", "grpcs:127.0.0.1:0"}));
   auto none = error_of([&] { connect(server.uri(TransportKind::grpcs), client_with(nullptr)); });
   EXPECT_EQ(none.code(), Code::unavailable) << none.describe();
@@ -252,12 +254,14 @@ TEST_F(SecurityTest, GrpcsClientWithoutCertificateOrFromAnotherCaIsRefused) {
 }
 
 TEST_F(SecurityTest, GrpcsServerCertificateFromAnotherCaIsRefused) {
+  FERRY_SKIP_GRPC_UNDER_TSAN();
   FerrydProcess server(tls_args(tls_->server_other_ca, {"--listen", "grpcs:127.0.0.1:0"}));
   auto error = error_of([&] { connect(server.uri(TransportKind::grpcs), good_client()); });
   EXPECT_EQ(error.code(), Code::unavailable) << error.describe();
 }
 
 TEST_F(SecurityTest, GrpcsClientDnOutsideTheAllowedListIsRefused) {
+  FERRY_SKIP_GRPC_UNDER_TSAN();
   FerrydProcess server(
       tls_args(tls_->server, {"--listen", "grpcs:127.0.0.1:0", "--tls-allowed-dn", "CN=*,O=ferry tests"}));
   auto error = error_of([&] { connect(server.uri(TransportKind::grpcs), client_with(&tls_->client_mallory)); });
@@ -268,6 +272,7 @@ TEST_F(SecurityTest, GrpcsClientDnOutsideTheAllowedListIsRefused) {
 }
 
 TEST_F(SecurityTest, SaslOverGrpcAndPlainOnlyOverGrpcs) {
+  FERRY_SKIP_GRPC_UNDER_TSAN();
   FerrydProcess server(join(tls_args(tls_->server, {"--listen", "grpcs:127.0.0.1:0", "--listen", "grpc:127.0.0.1:0",
                                                     "--auth-tls", "sasl", "--auth-tcp", "sasl"}),
                             sasl_args({"--sasl-mechanisms", "PLAIN,SCRAM-SHA-256"})));

@@ -458,8 +458,7 @@ TEST_P(StreamTest, HalfAGibibyteEachWayArrivesIntact) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, StreamTest,
-                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls,
-                                           TransportKind::grpc, TransportKind::grpcs),
+                         ::testing::ValuesIn(all_transports()),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 }  // namespace

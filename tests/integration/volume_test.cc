@@ -432,8 +432,7 @@ TEST_P(VolumeTest, DaemonRestartAndReconnect) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, VolumeTest,
-                         ::testing::Values(TransportKind::unix_socket, TransportKind::tcp, TransportKind::tls,
-                                           TransportKind::grpc, TransportKind::grpcs),
+                         ::testing::ValuesIn(all_transports()),
                          [](const auto& info) { return std::string(to_string(info.param)); });
 
 // ---------------------------------------------------------------------------

@@ -42,6 +42,11 @@ std::string read_exactly(Transport& transport, std::size_t size) {
 }
 
 TEST(GrpcTransportTest, GeneratedStubMessagesCrossAsOneByteStreamBothWays) {
+#if defined(__SANITIZE_THREAD__)
+  // gRPC comes from Debian, not built with ThreadSanitizer, which then
+  // reports races inside gRPC's own headers (see the integration tests).
+  GTEST_SKIP() << "gRPC is not built with ThreadSanitizer";
+#endif
   IoThreads io(1);
   std::promise<std::unique_ptr<Transport>> accepted;
   GrpcListener listener(
