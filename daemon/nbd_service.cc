@@ -25,6 +25,7 @@
 #include "nbd/memory_backend.h"
 #include "nbd/remote_backend.h"
 #include "nbd/stream_pipe.h"
+#include "rpc/socket_transport.h"
 #include "stream/service.h"
 
 namespace ferry::daemon {
@@ -405,9 +406,7 @@ class NbdService::Listener {
                                                   endpoint.to_string().substr(0, endpoint.to_string().find(':') + 1));
     std::error_code ec;
     if (endpoint.kind == rpc::Endpoint::Kind::unix_socket) {
-      namespace fs = std::filesystem;
-      if (fs::is_socket(endpoint.path, ec)) fs::remove(endpoint.path, ec);
-      if (auto parent = fs::path(endpoint.path).parent_path(); !parent.empty()) fs::create_directories(parent, ec);
+      rpc::prepare_unix_listen_path(endpoint.path);
       auto a = std::make_shared<asio::local::stream_protocol::acceptor>(server.io_context());
       a->open(asio::local::stream_protocol(), ec);
       if (!ec) a->bind(asio::local::stream_protocol::endpoint(endpoint.path), ec);

@@ -916,18 +916,7 @@ Endpoint Server::listen(const Endpoint& endpoint) {
 #endif
   }
   if (endpoint.kind == Endpoint::Kind::unix_socket) {
-    namespace fs = std::filesystem;
-    std::error_code fec;
-    if (fs::is_socket(endpoint.path, fec)) {
-      // Replace a stale socket, but never steal one a live server answers on.
-      asio::io_context probe_io;
-      asio::local::stream_protocol::socket probe(probe_io);
-      std::error_code cec;
-      probe.connect(asio::local::stream_protocol::endpoint(endpoint.path), cec);
-      if (!cec) throw Error(Code::already_exists, "another server is already listening on " + endpoint.path);
-      fs::remove(endpoint.path, fec);
-    }
-    if (auto parent = fs::path(endpoint.path).parent_path(); !parent.empty()) fs::create_directories(parent, fec);
+    prepare_unix_listen_path(endpoint.path);
     auto acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(impl_->io());
     std::error_code ec;
     acceptor->open(asio::local::stream_protocol(), ec);

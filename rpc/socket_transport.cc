@@ -3,10 +3,12 @@
 #include <sys/socket.h>
 
 #include <array>
+#include <filesystem>
 #include <cstdint>
 #include <limits>
 
 #include <asio/connect.hpp>
+#include <asio/io_context.hpp>
 #include <asio/experimental/as_tuple.hpp>
 #include <asio/read.hpp>
 #include <asio/strand.hpp>
@@ -167,6 +169,20 @@ asio::awaitable<std::unique_ptr<Transport>> connect_transport(asio::any_io_execu
     co_return co_await TlsTransport::connect(std::move(socket), std::move(tls), endpoint.host, timeout);
   }
   co_return std::make_unique<TcpTransport>(std::move(socket));
+}
+
+void prepare_unix_listen_path(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  if (fs::is_socket(path, ec)) {
+    asio::io_context probe_io;
+    asio::local::stream_protocol::socket probe(probe_io);
+    std::error_code connect_ec;
+    probe.connect(asio::local::stream_protocol::endpoint(path), connect_ec);
+    if (!connect_ec) throw Error(Code::already_exists, "another server is already listening on " + path);
+    fs::remove(path, ec);
+  }
+  if (auto parent = fs::path(path).parent_path(); !parent.empty()) fs::create_directories(parent, ec);
 }
 
 }  // namespace ferry::rpc

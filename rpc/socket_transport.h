@@ -4,6 +4,8 @@
 #include <asio/ip/tcp.hpp>
 #include <asio/local/stream_protocol.hpp>
 
+#include <string>
+
 #include "rpc/transport.h"
 
 namespace ferry::rpc {
@@ -36,5 +38,11 @@ using TcpTransport = SocketTransport<asio::ip::tcp>;
 
 extern template class SocketTransport<asio::local::stream_protocol>;
 extern template class SocketTransport<asio::ip::tcp>;
+
+// Before a UNIX listener binds `path`: removes a socket left there by a
+// server that died (nothing answers on it), creates the parent directory,
+// and throws ALREADY_EXISTS if a live server answers there, so that a
+// second daemon never steals the first one's socket.
+void prepare_unix_listen_path(const std::string& path);
 
 }  // namespace ferry::rpc

@@ -349,6 +349,27 @@ TEST_F(NbdPlainTest, ServesVolumesByNameOnUnixAndTcp) {
   EXPECT_RUN_OK(tool({"nbdinfo", "--size", over_unix}));
 }
 
+TEST_F(NbdPlainTest, ASecondDaemonNeverTakesALiveSocketButReplacesADeadOne) {
+  REQUIRE_TOOLS("nbdinfo");
+  const std::string socket = files_.path() + "/plain.sock";
+  const std::vector<std::string> args = {"--nbd-listen", "unix:" + socket, "--pool", "default=" + file("pool")};
+  auto first = std::make_unique<FerrydProcess>(args);
+  EXPECT_RUN_OK(ferry(*first, {"vol-create", "disk.img", "4M"}));
+  try {
+    FerrydProcess second(args);
+    ADD_FAILURE() << "a second daemon started on a socket the first one serves";
+  } catch (const std::runtime_error& e) {
+    EXPECT_NE(std::string(e.what()).find("another server is already listening on " + socket), std::string::npos)
+        << e.what();
+  }
+  EXPECT_RUN_OK(tool({"nbdinfo", "--size", nbd_unix_uri(socket, "default/disk.img")}));
+  // SIGKILL leaves the socket file behind; the next daemon replaces it.
+  first.reset();
+  ASSERT_TRUE(fs::is_socket(socket));
+  FerrydProcess third(args);
+  EXPECT_RUN_OK(tool({"nbdinfo", "--size", nbd_unix_uri(socket, "default/disk.img")}));
+}
+
 TEST_F(NbdPlainTest, MemoryExportRoundTripWithQemuImg) {
   REQUIRE_TOOLS("qemu-img");
   const std::string socket = files_.path() + "/plain.sock";
