@@ -397,6 +397,14 @@ int main(int argc, char** argv) {
                                                         "$FERRY_PASSWORD or --sasl-password-file)");
   app.add_option("--sasl-password-file", password_file, "file whose first line is the SASL password");
   app.add_option("--sasl-mech", options.sasl.mechanisms, "acceptable SASL mechanism(s) (default: the server's choice)");
+  unsigned keepalive_ms = static_cast<unsigned>(options.connection.keepalive_interval.count());
+  app.add_option("--keepalive-interval", keepalive_ms,
+                 "ms of silence from the daemon before a keepalive probe (0 = off)")
+      ->capture_default_str();
+  app.add_option("--keepalive-count", options.connection.keepalive_count,
+                 "unanswered probes before the daemon is declared unreachable and the command fails")
+      ->capture_default_str()
+      ->check(CLI::Range(1u, 1000u));
 
   unsigned ping_count = 5;
   auto* ping = app.add_subcommand("ping", "measure round trips to the daemon");
@@ -531,6 +539,7 @@ int main(int argc, char** argv) {
     return rc == 0 ? 0 : Exit::usage;
   }
   spdlog::set_level(spdlog::level::warn);
+  options.connection.keepalive_interval = std::chrono::milliseconds(keepalive_ms);
 
   if (!password_file.empty()) {
     std::FILE* f = std::fopen(password_file.c_str(), "r");
