@@ -185,6 +185,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-streams-per-client", options.max_streams_per_client, "streams open at once per connection")
       ->capture_default_str();
+  app.add_option("--max-calls", options.max_calls, "calls in flight across all connections")->capture_default_str();
+  app.add_option("--max-streams", options.max_streams, "streams open at once across all connections")
+      ->capture_default_str();
   unsigned auth_timeout_ms = static_cast<unsigned>(options.auth_timeout.count());
   unsigned idle_timeout_ms = static_cast<unsigned>(options.idle_timeout.count());
   app.add_option("--auth-timeout", auth_timeout_ms, "ms from accept to the end of TLS + Hello + SASL")

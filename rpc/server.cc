@@ -148,6 +148,8 @@ class Server::Impl {
   bool done_ = false;
 
   std::atomic<std::uint64_t> calls_in_flight_{0};
+  std::atomic<std::uint64_t> streams_in_flight_{0};
+  std::atomic<std::uint64_t> calls_overloaded_{0};
   std::atomic<std::uint64_t> calls_total_{0};
   std::atomic<std::uint64_t> calls_cancelled_{0};
   std::atomic<std::uint64_t> protocol_errors_{0};
@@ -268,7 +270,7 @@ class Server::Impl::Session final : public FrameHandler,
     {
       std::lock_guard lock(mutex_);
       if (calls_.erase(call.serial) == 0) return;
-      stream_calls_.erase(call.serial);
+      if (stream_calls_.erase(call.serial)) server_->streams_in_flight_.fetch_sub(1, std::memory_order_relaxed);
     }
     touch();
     server_->calls_in_flight_.fetch_sub(1, std::memory_order_relaxed);
@@ -416,20 +418,31 @@ class Server::Impl::Session final : public FrameHandler,
         protocol_error("serial " + std::to_string(h.serial) + " reused while its call is still in flight");
         return;
       }
-      if (calls_.size() >= server_->options_.max_calls_per_client) {
-        reply_error(h, Error(Code::resource_exhausted,
-                             "too many calls in flight on this connection (limit " +
-                                 std::to_string(server_->options_.max_calls_per_client) + "); retry later",
-                             "rpc", true));
+      const auto refuse = [&](const std::string& why) {
+        server_->calls_overloaded_.fetch_add(1, std::memory_order_relaxed);
+        reply_error(h, Error(Code::resource_exhausted, why, "rpc", true));
+      };
+      const ServerOptions& o = server_->options_;
+      if (calls_.size() >= o.max_calls_per_client) {
+        refuse("too many calls in flight on this connection (limit " + std::to_string(o.max_calls_per_client) +
+               ", max_calls_per_client); retry later");
+        return;
+      }
+      if (server_->calls_in_flight_.load(std::memory_order_relaxed) >= o.max_calls) {
+        refuse("overloaded: " + std::to_string(o.max_calls) +
+               " calls in flight across all clients (max_calls); retry later");
         return;
       }
       if (entry->opens_stream) {
-        if (stream_calls_.size() >= server_->options_.max_streams_per_client) {
-          reply_error(h, Error(Code::resource_exhausted,
-                               "too many streams open on this connection (limit " +
-                                   std::to_string(server_->options_.max_streams_per_client) +
-                                   ", max_streams_per_client); finish one and retry",
-                               "rpc", true));
+        if (stream_calls_.size() >= o.max_streams_per_client) {
+          refuse("too many streams open on this connection (limit " + std::to_string(o.max_streams_per_client) +
+                 ", max_streams_per_client); finish one and retry");
+          return;
+        }
+        if (server_->streams_in_flight_.fetch_add(1, std::memory_order_relaxed) >= o.max_streams) {
+          server_->streams_in_flight_.fetch_sub(1, std::memory_order_relaxed);
+          refuse("overloaded: " + std::to_string(o.max_streams) +
+                 " streams open across all clients (max_streams); retry later");
           return;
         }
         stream_calls_.insert(h.serial);
@@ -1083,6 +1096,8 @@ ServerStats Server::stats() const {
     s.clients = impl_->sessions_.size();
   }
   s.calls_in_flight = impl_->calls_in_flight_.load();
+  s.streams_in_flight = impl_->streams_in_flight_.load();
+  s.calls_overloaded = impl_->calls_overloaded_.load();
   s.calls_total = impl_->calls_total_.load();
   s.calls_cancelled = impl_->calls_cancelled_.load();
   s.protocol_errors = impl_->protocol_errors_.load();

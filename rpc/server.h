@@ -48,6 +48,10 @@ struct ServerOptions {
   std::size_t max_unauthenticated_clients = 64;
   std::size_t max_calls_per_client = 16384;
   std::size_t max_streams_per_client = 64;
+  // Across all connections. Beyond either, a new call is refused with a
+  // retryable RESOURCE_EXHAUSTED "overloaded" error; nothing queues.
+  std::size_t max_calls = 65536;
+  std::size_t max_streams = 1024;
   // From accept to the end of authentication (TLS handshake, Hello, SASL).
   std::chrono::milliseconds auth_timeout{10000};
   // A connection with no call or stream in flight for this long is closed
@@ -72,6 +76,8 @@ struct ServerOptions {
 struct ServerStats {
   std::size_t clients = 0;
   std::uint64_t calls_in_flight = 0;
+  std::uint64_t streams_in_flight = 0;
+  std::uint64_t calls_overloaded = 0;  // refused over max_calls / max_streams (either limit, global or per client)
   std::uint64_t calls_total = 0;
   std::uint64_t calls_cancelled = 0;
   std::uint64_t protocol_errors = 0;

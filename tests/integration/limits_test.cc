@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <optional>
 #include <thread>
 
 #include "ferry/v1/control.ferry.h"
@@ -239,6 +240,65 @@ TEST_F(LimitsTest, StreamsPerClientAreCapped) {
   EXPECT_NO_THROW(fourth.reply_sync());
   second.stream->finish_sync();
   EXPECT_NO_THROW(second.reply_sync());
+}
+
+TEST_F(LimitsTest, GlobalLimitsRefuseNewCallsAndStreamsAsOverloadedAndRecover) {
+  FerrydProcess server({"--max-calls", "8", "--max-streams", "2"});
+  Client a = connect(server.unix_uri());
+  Client b = connect(server.unix_uri());
+  // Two streams from a fill the daemon's stream slots: b's stream is
+  // refused at once, with a retryable error that says why.
+  auto first = stream::open<TestSvc::Upload>(a, test::v1::UploadCall{});
+  auto second = stream::open<TestSvc::Upload>(a, test::v1::UploadCall{});
+  auto refused = stream::open<TestSvc::Upload>(b, test::v1::UploadCall{});
+  auto error = error_of([&] { refused.reply_sync(); });
+  EXPECT_EQ(error.code(), Code::resource_exhausted);
+  EXPECT_THAT(error.message(), HasSubstr("overloaded: 2 streams open across all clients (max_streams)"));
+  EXPECT_TRUE(error.retryable());
+  EXPECT_NO_THROW(stats(b)) << "plain calls are under max_calls and go through";
+
+  // Six sleeping calls from a: with its two streams, 8 calls are in flight,
+  // and b's next call is refused the same way, not queued.
+  std::vector<std::future<test::v1::SleepReply>> sleeping;
+  test::v1::SleepCall sleep;
+  sleep.set_ms(60000);
+  for (int i = 0; i < 6; ++i) sleeping.push_back(a.call_future<TestSvc::Sleep>(sleep));
+  // (The sleeping calls are in flight once b is refused; until then b's
+  // calls go through.)
+  std::optional<Error> call_error;
+  auto refusal_took = std::chrono::steady_clock::duration{};
+  for (int i = 0; i < 500 && !call_error; ++i) {
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      stats(b);
+      std::this_thread::sleep_for(10ms);
+    } catch (const Error& e) {
+      call_error = e;
+      refusal_took = std::chrono::steady_clock::now() - start;
+    }
+  }
+  ASSERT_TRUE(call_error.has_value()) << "b was never refused with 8 calls in flight";
+  EXPECT_LT(refusal_took, 2s) << "a refusal must not wait";
+  EXPECT_EQ(call_error->code(), Code::resource_exhausted);
+  EXPECT_THAT(call_error->message(), HasSubstr("overloaded: 8 calls in flight across all clients (max_calls)"));
+  EXPECT_TRUE(call_error->retryable());
+
+  // As a's work ends, b gets through again.
+  a.close();
+  for (auto& f : sleeping) EXPECT_ANY_THROW(f.get());
+  bool served = false;
+  for (int i = 0; i < 200 && !served; ++i) {
+    try {
+      stats(b);
+      served = true;
+    } catch (const Error&) {
+      std::this_thread::sleep_for(10ms);
+    }
+  }
+  EXPECT_TRUE(served) << "the daemon never let b in again";
+  auto later = stream::open<TestSvc::Upload>(b, test::v1::UploadCall{});
+  later.stream->finish_sync();
+  EXPECT_NO_THROW(later.reply_sync());
 }
 
 TEST_F(LimitsTest, UnixSocketIsPrivateByDefaultAndTakesModeAndGroup) {
