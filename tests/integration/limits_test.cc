@@ -250,6 +250,8 @@ TEST_F(LimitsTest, GlobalLimitsRefuseNewCallsAndStreamsAsOverloadedAndRecover) {
   // refused at once, with a retryable error that says why.
   auto first = stream::open<TestSvc::Upload>(a, test::v1::UploadCall{});
   auto second = stream::open<TestSvc::Upload>(a, test::v1::UploadCall{});
+  // (a's calls and b's arrive on different connections: let a's in first.)
+  for (int i = 0; i < 500 && stats(a).streams_open() < 2; ++i) std::this_thread::sleep_for(10ms);
   auto refused = stream::open<TestSvc::Upload>(b, test::v1::UploadCall{});
   auto error = error_of([&] { refused.reply_sync(); });
   EXPECT_EQ(error.code(), Code::resource_exhausted);
