@@ -3,15 +3,14 @@
 // transfer failing "peer unreachable" and the volume freed; and a link that
 // stalls for seconds and comes back, under which a transfer completes
 // intact. The CLI runs in one namespace, ferryd in the other.
-#include <sys/stat.h>
-
 #include <gtest/gtest.h>
 
 #include <chrono>
 #include <cstdio>
-#include <functional>
+#include <filesystem>
 #include <thread>
 
+#include "tests/integration/copy_helpers.h"
 #include "tests/integration/ferryd_process.h"
 #include "tests/integration/netlab.h"
 #include "tests/integration/test_files.h"
@@ -21,27 +20,11 @@ namespace {
 
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
 
-#define REQUIRE_NETLAB()                                                                     \
-  do {                                                                                       \
-    if (!NetLab::available()) GTEST_SKIP() << "cannot make network namespaces (needs root)"; \
-  } while (0)
-
-std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
-}
-
-std::uint64_t allocated(const std::string& path) {
-  struct stat st {};
-  return ::stat(path.c_str(), &st) == 0 ? static_cast<std::uint64_t>(st.st_blocks) * 512 : 0;
-}
-
-bool eventually(const std::function<bool()>& ok, std::chrono::milliseconds limit) {
-  for (const auto until = Clock::now() + limit; Clock::now() < until; std::this_thread::sleep_for(20ms))
-    if (ok()) return true;
-  return ok();
-}
+// Bytes allocated to the volume once it exists (allocated() reads a
+// missing file as ~0).
+std::uint64_t volume_allocated(const std::string& path) { return fs::exists(path) ? allocated(path) : 0; }
 
 double ms_since(Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); }
 
@@ -73,7 +56,7 @@ TEST(NetworkFault, PartitionIsFoundByKeepaliveOnBothSidesAndTheVolumeIsFreed) {
   const std::string volume = hosts.daemon->pool_dir() + "/disk.img";
   ChildProcess upload(hosts.cli({"--keepalive-interval", "250", "--keepalive-count", "2", "vol-upload", "--create",
                                  "disk.img", src}));
-  ASSERT_TRUE(eventually([&] { return allocated(volume) >= 8 * MiB; }, 20s)) << upload.output();
+  ASSERT_TRUE(eventually([&] { return volume_allocated(volume) >= 8 * MiB; }, 20s)) << upload.output();
 
   hosts.lab.set_up(hosts.link, false);
   const auto cut = Clock::now();
@@ -109,15 +92,15 @@ TEST(NetworkFault, ALinkThatStallsForSecondsThenResumesCompletesTheTransfer) {
   make_file(src, 64 * MiB, {{0, 24 * MiB}, {32 * MiB, 32 * MiB}}, 42);
   const std::string volume = hosts.daemon->pool_dir() + "/disk.img";
   ChildProcess upload(hosts.cli({"vol-upload", "--create", "disk.img", src}));
-  ASSERT_TRUE(eventually([&] { return allocated(volume) >= 4 * MiB; }, 20s)) << upload.output();
+  ASSERT_TRUE(eventually([&] { return volume_allocated(volume) >= 4 * MiB; }, 20s)) << upload.output();
 
   hosts.lab.set_up(hosts.link, false);
   std::this_thread::sleep_for(3s);
-  const std::uint64_t before = allocated(volume);
+  const std::uint64_t before = volume_allocated(volume);
   hosts.lab.set_up(hosts.link, true);
   const auto back = Clock::now();
   // Progress resumes once TCP's next retransmission finds the link.
-  ASSERT_TRUE(eventually([&] { return allocated(volume) > before; }, 20s)) << upload.output();
+  ASSERT_TRUE(eventually([&] { return volume_allocated(volume) > before; }, 20s)) << upload.output();
   const double resume_ms = ms_since(back);
   EXPECT_EQ(upload.wait(60s), 0) << upload.output();
   EXPECT_EQ(file_hash(volume), file_hash(src));

@@ -99,4 +99,21 @@ class NetLab {
 // The built ferry-delay-relay (set by CMake).
 std::string relay_path();
 
+// `a` followed by `b`: a wrapper() prefix and the command it runs.
+inline std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+}  // namespace ferry::testing
+
+// In a test body: skips the test where this process cannot make namespaces.
+#define REQUIRE_NETLAB()                                                                     \
+  do {                                                                                       \
+    if (!ferry::testing::NetLab::available())                                                \
+      GTEST_SKIP() << "cannot make network namespaces (needs root)";                         \
+  } while (0)
+
+namespace ferry::testing {
+
 }  // namespace ferry::testing

@@ -511,21 +511,11 @@ TEST(Relay, RejectsBadArguments) {
 
 // ---------------------------------------------------------------- NetLab
 
-#define REQUIRE_NETLAB()                                                                     \
-  do {                                                                                       \
-    if (!NetLab::available()) GTEST_SKIP() << "cannot make network namespaces (needs root)"; \
-  } while (0)
-
 // Runs `argv`; its exit status (-1 after 60 s) and output.
 std::pair<int, std::string> run_bounded(const std::vector<std::string>& argv, std::chrono::seconds limit = 60s) {
   ChildProcess p(argv);
   const int rc = p.wait(limit);
   return {rc, p.output()};
-}
-
-std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
-  a.insert(a.end(), b.begin(), b.end());
-  return a;
 }
 
 std::vector<std::string> namespaces_of_this_process() {
