@@ -26,6 +26,7 @@
 #include "nbd/remote_backend.h"
 #include "nbd/stream_pipe.h"
 #include "rpc/socket_transport.h"
+#include "rpc/units.h"
 #include "stream/service.h"
 
 namespace ferry::daemon {
@@ -188,28 +189,11 @@ class VolumeBackend final : public nbd::Backend {
   VolumeService::NbdVolume v_;
 };
 
-// "64M", "1G", "1.5GiB", "4096" -> bytes.
-std::uint64_t parse_size(const std::string& text) {
-  std::size_t used = 0;
-  double value = 0;
-  try {
-    value = std::stod(text, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used == 0 || value < 0) throw nbd_error(Code::invalid_argument, "'" + text + "' is not a size (like 512M or 2G)");
-  std::string unit = text.substr(used);
-  if (unit.size() == 3 && unit.substr(1) == "iB") unit = unit.substr(0, 1);
-  if (unit == "B") unit.clear();
-  double scale = 1;
-  if (unit.empty()) scale = 1;
-  else if (unit == "K" || unit == "k") scale = 1ull << 10;
-  else if (unit == "M") scale = 1ull << 20;
-  else if (unit == "G") scale = 1ull << 30;
-  else if (unit == "T") scale = 1ull << 40;
-  else if (unit == "P") scale = 1ull << 50;
-  else throw nbd_error(Code::invalid_argument, "'" + text + "': unknown size unit '" + unit + "' (K, M, G, T, P)");
-  return static_cast<std::uint64_t>(value * scale);
+// An export's size ("64M", "1G", "1.5GiB", "4096"), or INVALID_ARGUMENT.
+std::uint64_t export_size(const std::string& text) {
+  const auto bytes = ferry::parse_size(text);
+  if (!bytes) throw nbd_error(Code::invalid_argument, "'" + text + "' is not a size (like 512M or 2G)");
+  return *bytes;
 }
 
 struct ExportSpec {
@@ -281,9 +265,9 @@ class NbdService::Exports : public nbd::ExportSource {
       const ExportSpec spec = parse_spec(c.name, c.backend);
       std::shared_ptr<nbd::Backend> backend;
       if (spec.kind == "memory") {
-        backend = std::make_shared<nbd::MemoryBackend>(parse_size(spec.arg));
+        backend = std::make_shared<nbd::MemoryBackend>(export_size(spec.arg));
       } else if (spec.kind == "null") {
-        backend = std::make_shared<nbd::NullBackend>(parse_size(spec.arg));
+        backend = std::make_shared<nbd::NullBackend>(export_size(spec.arg));
       } else if (spec.kind == "nbd") {
         // Called from the main thread at start-up: blocking here is fine.
         backend = nbd::RemoteBackend::connect_blocking(server.next_io_context().get_executor(), spec.arg);

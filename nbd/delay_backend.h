@@ -15,6 +15,7 @@
 #include <string_view>
 
 #include "nbd/backend.h"
+#include "rpc/units.h"
 
 namespace ferry::nbd {
 
@@ -62,13 +63,9 @@ class DelayBackend : public Backend {
 // cancelled.
 asio::awaitable<void> delay_for(std::chrono::nanoseconds d);
 
-// "64ms", "1s", "1.5s", "250us", "100ns", "2m", "0"; a bare number is
-// seconds (as nbdkit's delay filter reads it), "64 ms" with a space is
-// accepted too. Throws ferry::Error (INVALID_ARGUMENT) on anything else,
-// including negative values.
-std::chrono::nanoseconds parse_delay(std::string_view text);
-
-// "64 ms", "1 s", "1.5 s", "250 us", "0": the inverse, for descriptions and logs.
-std::string format_delay(std::chrono::nanoseconds d);
+// A delay as an export spec writes it (",delay=64ms"): parse_duration;
+// errors say "bad delay".
+inline std::chrono::nanoseconds parse_delay(std::string_view text) { return parse_duration(text, "delay"); }
+inline std::string format_delay(std::chrono::nanoseconds d) { return format_duration(d); }
 
 }  // namespace ferry::nbd

@@ -9,6 +9,9 @@
 #include <asio/steady_timer.hpp>
 #include <asio/use_awaitable.hpp>
 
+#include "rpc/error.h"
+#include "rpc/units.h"
+
 namespace ferry::rpc {
 
 namespace {
@@ -23,6 +26,69 @@ std::uint64_t mix(std::uint64_t x) {
 bool hits(std::uint64_t position, std::uint64_t every) { return every != 0 && (position + 1) % every == 0; }
 
 }  // namespace
+
+FaultOptions FaultOptions::parse(std::string_view spec) {
+  FaultOptions o;
+  const std::string whole(spec);
+  auto bad = [&](const std::string& why) {
+    return Error(Code::invalid_argument, "bad fault spec \"" + whole + "\": " + why);
+  };
+  while (!spec.empty()) {
+    const std::size_t comma = spec.find(',');
+    const std::string_view part = spec.substr(0, comma);
+    spec = comma == std::string_view::npos ? std::string_view{} : spec.substr(comma + 1);
+    if (part.empty()) continue;
+    const std::size_t eq = part.find('=');
+    if (eq == std::string_view::npos) throw bad("'" + std::string(part) + "' is not key=value");
+    const std::string key(part.substr(0, eq));
+    const std::string_view value = part.substr(eq + 1);
+    auto count = [&]() {
+      const auto n = parse_size(value);
+      if (!n) throw bad(key + "=" + std::string(value) + " is not a count (like 4096 or 1M)");
+      return *n;
+    };
+    if (key == "delay") {
+      try {
+        o.delay = std::chrono::duration_cast<std::chrono::microseconds>(parse_duration(value, "delay"));
+      } catch (const Error& e) {
+        throw bad(e.message());
+      }
+    } else if (key == "corrupt_every") {
+      o.corrupt_every = count();
+    } else if (key == "drop_every") {
+      o.drop_every = count();
+    } else if (key == "reset_after") {
+      o.reset_after = count();
+    } else if (key == "seed") {
+      o.seed = count();
+    } else if (key == "direction") {
+      if (value == "read") {
+        o.on_read = true, o.on_write = false;
+      } else if (value == "write") {
+        o.on_read = false, o.on_write = true;
+      } else if (value == "both") {
+        o.on_read = o.on_write = true;
+      } else {
+        throw bad("direction is read, write or both, not '" + std::string(value) + "'");
+      }
+    } else {
+      throw bad("unknown key '" + key + "' (delay, corrupt_every, drop_every, reset_after, direction, seed)");
+    }
+  }
+  return o;
+}
+
+std::string FaultOptions::describe() const {
+  if (!any()) return "none";
+  std::string out;
+  auto add = [&](const std::string& part) { out += (out.empty() ? "" : ",") + part; };
+  if (delay.count() > 0) add("delay=" + std::to_string(delay.count()) + "us");
+  if (corrupt_every) add("corrupt_every=" + std::to_string(corrupt_every));
+  if (drop_every) add("drop_every=" + std::to_string(drop_every));
+  if (reset_after) add("reset_after=" + std::to_string(reset_after));
+  add(std::string("direction=") + (on_read && on_write ? "both" : on_read ? "read" : "write"));
+  return out;
+}
 
 FaultTransport::FaultTransport(std::unique_ptr<Transport> inner, FaultOptions options)
     : inner_(std::move(inner)), options_(options) {

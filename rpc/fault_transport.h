@@ -13,6 +13,8 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <string_view>
 
 #include "rpc/transport.h"
 
@@ -37,6 +39,14 @@ struct FaultOptions {
   bool any() const {
     return delay.count() > 0 || corrupt_every > 0 || drop_every > 0 || reset_after > 0;
   }
+
+  // "delay=5ms,corrupt_every=1M,drop_every=4096,reset_after=10M,direction=read,seed=7":
+  // any subset, in any order; counts take sizes (1M = 1048576), direction
+  // is read, write or both (the default). Throws ferry::Error
+  // (INVALID_ARGUMENT) naming the part it cannot read.
+  static FaultOptions parse(std::string_view spec);
+  // The same form, for logs; "none" without faults.
+  std::string describe() const;
 };
 
 // Faults counted so far, for tests and logs.

@@ -38,37 +38,6 @@ int exit_code_for(Code code) {
   }
 }
 
-std::optional<std::uint64_t> parse_size(const std::string& text) {
-  if (text.empty()) return std::nullopt;
-  std::size_t i = 0;
-  while (i < text.size() && (std::isdigit(static_cast<unsigned char>(text[i])) || text[i] == '.')) ++i;
-  if (i == 0) return std::nullopt;
-  const std::string number = text.substr(0, i);
-  std::string unit = text.substr(i);
-  for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  if (unit.size() > 1 && unit.back() == 'B') unit.pop_back();  // "GB", "GIB" -> "G", "GI"
-  if (unit.size() > 1 && unit.back() == 'I') unit.pop_back();
-  unsigned shift = 0;
-  if (unit.empty() || unit == "B") shift = 0;
-  else if (unit == "K") shift = 10;
-  else if (unit == "M") shift = 20;
-  else if (unit == "G") shift = 30;
-  else if (unit == "T") shift = 40;
-  else if (unit == "P") shift = 50;
-  else return std::nullopt;
-  if (number.find('.') != std::string::npos) {
-    char* end = nullptr;
-    const double v = std::strtod(number.c_str(), &end);
-    if (*end || v < 0) return std::nullopt;
-    const double bytes = v * std::ldexp(1.0, static_cast<int>(shift));
-    if (bytes >= 9.2e18 || bytes != std::floor(bytes)) return std::nullopt;
-    return static_cast<std::uint64_t>(bytes);
-  }
-  if (number.size() > 19) return std::nullopt;
-  const std::uint64_t v = std::stoull(number);
-  if (shift && v > ((1ull << 63) - 1) >> shift) return std::nullopt;
-  return v << shift;
-}
 
 std::string human_size(std::uint64_t bytes) {
   static const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};

@@ -12,6 +12,8 @@
 #include "client/session.h"
 #include "rpc/error.h"
 
+#include "rpc/units.h"
+
 namespace ferry::cli {
 
 // Exit codes, one per kind of failure a script may want to tell apart.
@@ -30,9 +32,7 @@ enum Exit : int {
 };
 int exit_code_for(Code code);
 
-// "10G", "512MiB", "4096", "1.5T" -> bytes (binary multiples). nullopt if
-// it is not a size.
-std::optional<std::uint64_t> parse_size(const std::string& text);
+using ferry::parse_size;  // rpc/units.h
 // 1610612736 -> "1.5 GiB".
 std::string human_size(std::uint64_t bytes);
 std::string human_rate(double bytes_per_second);

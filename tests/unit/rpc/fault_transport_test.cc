@@ -13,6 +13,7 @@
 #include <numeric>
 #include <vector>
 
+#include "rpc/error.h"
 #include "rpc/io_threads.h"
 #include "rpc/socket_transport.h"
 
@@ -152,6 +153,29 @@ TEST(FaultTransport, WithoutFaultsPassesBytesThroughBothWays) {
   EXPECT_EQ(receive(p, *p.plain, got), asio::error::eof);
   sending.get();
   EXPECT_EQ(got, sent);
+}
+
+TEST(FaultOptions, ParsesSpecsAndSaysWhatIsWrong) {
+  const auto o = FaultOptions::parse("delay=5ms,corrupt_every=1M,drop_every=4096,reset_after=10M,direction=read,seed=7");
+  EXPECT_EQ(o.delay, 5ms);
+  EXPECT_EQ(o.corrupt_every, 1u << 20);
+  EXPECT_EQ(o.drop_every, 4096u);
+  EXPECT_EQ(o.reset_after, 10u << 20);
+  EXPECT_TRUE(o.on_read);
+  EXPECT_FALSE(o.on_write);
+  EXPECT_EQ(o.seed, 7u);
+  EXPECT_EQ(o.describe(), "delay=5000us,corrupt_every=1048576,drop_every=4096,reset_after=10485760,direction=read");
+  EXPECT_EQ(FaultOptions::parse("").describe(), "none");
+  EXPECT_EQ(FaultOptions::parse(o.describe()).describe(), o.describe());
+  for (const char* bad : {"delay", "delay=fast", "corrupt_every=-1", "direction=sideways", "flip=1"}) {
+    try {
+      FaultOptions::parse(bad);
+      ADD_FAILURE() << bad << " was accepted";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), Code::invalid_argument) << bad;
+      EXPECT_NE(e.message().find("bad fault spec"), std::string::npos) << e.message();
+    }
+  }
 }
 
 }  // namespace
