@@ -407,6 +407,7 @@ asio::awaitable<std::unique_ptr<Transport>> TlsTransport::connect(asio::ip::tcp:
 asio::awaitable<IoResult> TlsTransport::read_some(asio::mutable_buffer buffer) {
   auto* data = static_cast<std::uint8_t*>(buffer.data());
   const std::size_t size = buffer.size();
+  if (read_error_) co_return IoResult{std::exchange(read_error_, {}), 0};
   for (;;) {
     ERR_clear_error();
     std::size_t n = 0;
@@ -417,8 +418,18 @@ asio::awaitable<IoResult> TlsTransport::read_some(asio::mutable_buffer buffer) {
       std::size_t total = n;
       while (total < size && SSL_has_pending(ssl_)) {
         std::size_t m = 0;
-        if (SSL_read_ex(ssl_, data + total, size - total, &m) != 1) {
-          ERR_clear_error();  // a partial record; the next read waits for it
+        const int more = SSL_read_ex(ssl_, data + total, size - total, &m);
+        if (more != 1) {
+          const int why = SSL_get_error(ssl_, more);
+          if (why == SSL_ERROR_WANT_READ || why == SSL_ERROR_WANT_WRITE) {
+            ERR_clear_error();  // a partial record; the next read waits for it
+          } else {
+            // A record that failed (a bad MAC: bytes damaged on the way)
+            // or the peer's close: said by the next read, after these bytes.
+            // After a fatal error OpenSSL only answers "shut down", so the
+            // reason must be kept now.
+            read_error_ = why == SSL_ERROR_ZERO_RETURN ? std::error_code(asio::error::eof) : last_tls_error();
+          }
           break;
         }
         total += m;

@@ -118,6 +118,7 @@ class TlsTransport final : public Transport {
   SSL* ssl_ = nullptr;
   std::vector<std::uint8_t> stage_;  // small frames gathered into one record
   bool sent_close_notify_ = false;
+  std::error_code read_error_;  // met after bytes already returned; the next read_some says it
 };
 
 // The error category of TLS failures (OpenSSL's reason strings).
