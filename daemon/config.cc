@@ -217,6 +217,22 @@ DaemonConfig parse_config(const std::string& text, const std::string& source) {
   volumes.integer("io_depth", c.volumes.io_depth, 1, 256);
   volumes.check_all_used();
 
+  const auto& fault_table = table_or_empty(top, "fault", source);
+  Section fault(fault_table, "fault", source);
+  fault.string("transport", c.fault.transport);
+  fault.string("volume", c.fault.volume);
+  fault.check_all_used();
+  try {
+    s.fault = rpc::FaultOptions::parse(c.fault.transport);
+  } catch (const Error& e) {
+    throw bad(source, fault_table.get("transport")->source(), "fault.transport: " + e.message());
+  }
+  try {
+    c.volumes.fault = IoFaultOptions::parse(c.fault.volume);
+  } catch (const Error& e) {
+    throw bad(source, fault_table.get("volume")->source(), "fault.volume: " + e.message());
+  }
+
   const auto& migration_table = table_or_empty(top, "migration", source);
   Section migration(migration_table, "migration", source);
   migration.integer("extent_size", c.migration.extent_size, 1 << 20, std::int64_t{1} << 34);
@@ -352,6 +368,8 @@ std::string to_toml(const DaemonConfig& c) {
                                        {"tls_key", m.tls_key},
                                        {"sasl_user", m.sasl_user},
                                        {"sasl_password_file", m.sasl_password_file}});
+  if (!c.fault.transport.empty() || !c.fault.volume.empty())
+    root.insert("fault", toml::table{{"transport", c.fault.transport}, {"volume", c.fault.volume}});
   toml::array pools;
   for (const auto& p : c.pools) pools.push_back(toml::table{{"name", p.name}, {"path", p.path}, {"read_only", p.read_only}});
   root.insert("pool", pools);

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "daemon/io_fault.h"
 #include "rpc/server.h"
 
 namespace ferry::daemon {
@@ -23,6 +24,7 @@ struct VolumeOptions {
   std::string file_io = "io_uring";  // or "threads" (also the fallback where io_uring is refused)
   unsigned file_io_threads = 4;      // pool for blocking file work
   unsigned io_depth = 8;             // file operations in flight per stream
+  IoFaultOptions fault;              // from [fault] volume
 };
 
 // [nbd] and [[nbd.export]]: NBD service (docs/nbd.md).
@@ -53,6 +55,13 @@ struct MigrationConfig {
   std::string sasl_password_file;         // first line: the password
 };
 
+// [fault]: faults injected on purpose, for reproducing field problems
+// (docs/operations.md, "Fault injection"). Empty: none, the default.
+struct FaultConfig {
+  std::string transport;  // rpc::FaultOptions spec, on every accepted connection
+  std::string volume;     // IoFaultOptions spec (daemon/io_fault.h), on volume file I/O
+};
+
 struct DaemonConfig {
   rpc::ServerOptions server;
   std::vector<std::string> listen;  // addresses; empty: the default unix socket
@@ -60,6 +69,7 @@ struct DaemonConfig {
   VolumeOptions volumes;
   NbdConfig nbd;
   MigrationConfig migration;
+  FaultConfig fault;
   std::string log_level = "info";
   unsigned shutdown_grace_ms = 5000;
   bool test_service = false;

@@ -9,6 +9,8 @@
 #include <asio/associated_executor.hpp>
 #include <asio/async_result.hpp>
 #include <asio/post.hpp>
+#include <asio/steady_timer.hpp>
+#include <asio/this_coro.hpp>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -101,7 +103,8 @@ namespace {
 char wake_tag;
 }  // namespace
 
-FileIo::FileIo(Options options) : engine_(Engine::threads), pool_(std::max(1u, options.threads)) {
+FileIo::FileIo(Options options)
+    : engine_(Engine::threads), pool_(std::max(1u, options.threads)), fault_(options.fault) {
   const std::string pool_text = std::to_string(std::max(1u, options.threads)) + " threads";
   if (options.engine == Engine::threads) {
     description_ = "thread pool of " + pool_text + " (configured)";
@@ -263,6 +266,17 @@ void FileIo::start(const Request& r, Completion* completion) {
 }
 
 asio::awaitable<int> FileIo::submit(Request request) {
+  if (fault_) {
+    const IoFaultOptions::Op op = request.op == Request::Op::read    ? IoFaultOptions::read
+                                  : request.op == Request::Op::write ? IoFaultOptions::write
+                                  : request.op == Request::Op::punch ? IoFaultOptions::punch
+                                                                     : IoFaultOptions::datasync;
+    if (const auto delay = fault_->delay(op); delay.count() > 0) {
+      asio::steady_timer timer(co_await asio::this_coro::executor, delay);
+      co_await timer.async_wait(asio::use_awaitable);
+    }
+    if (const int error = fault_->check(op, request.fd, request.length)) co_return -error;
+  }
   co_return co_await asio::async_initiate<decltype(asio::use_awaitable), void(int)>(
       [this, request](auto handler) {
         using H = std::decay_t<decltype(handler)>;

@@ -29,6 +29,8 @@
 #include <string>
 #include <type_traits>
 
+#include "daemon/io_fault.h"
+
 namespace ferry::daemon {
 
 class FileIo {
@@ -38,6 +40,8 @@ class FileIo {
     Engine engine = Engine::io_uring;  // preferred; threads is the fallback
     unsigned threads = 4;              // pool size (blocking work; all I/O for Engine::threads)
     unsigned queue_depth = 256;        // io_uring submission queue entries
+    // Faults injected before operations reach the kernel (daemon/io_fault.h).
+    std::shared_ptr<IoFault> fault;
   };
 
   explicit FileIo(Options options);
@@ -98,6 +102,7 @@ class FileIo {
   std::string description_;
   asio::thread_pool pool_;
   std::unique_ptr<Ring> ring_;
+  std::shared_ptr<IoFault> fault_;
 };
 
 }  // namespace ferry::daemon

@@ -216,6 +216,11 @@ int main(int argc, char** argv) {
   app.add_option("--shutdown-grace", shutdown_grace_ms, "ms calls in flight get to finish on SIGTERM")
       ->capture_default_str();
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error, critical, off")->capture_default_str();
+  app.add_option("--fault-transport", config.fault.transport,
+                 "inject faults into every accepted connection, e.g. delay=5ms,corrupt_every=1M,reset_after=10M "
+                 "(docs/operations.md); for reproducing problems, never in production");
+  app.add_option("--fault-volume", config.fault.volume,
+                 "inject volume I/O faults, e.g. op=write,errno=ENOSPC,after=8M (docs/operations.md)");
   app.add_option("--ready-file", ready_file, "write the bound addresses here, one per line, once listening");
   CLI11_PARSE(app, argc, argv);
 
@@ -259,6 +264,13 @@ int main(int argc, char** argv) {
     std::erase_if(config.nbd.exports, [&](const auto& e) { return e.name == flag.substr(0, eq); });
     config.nbd.exports.push_back({flag.substr(0, eq), flag.substr(eq + 1)});
   }
+  try {
+    options.fault = ferry::rpc::FaultOptions::parse(config.fault.transport);
+    config.volumes.fault = ferry::daemon::IoFaultOptions::parse(config.fault.volume);
+  } catch (const ferry::Error& e) {
+    std::fprintf(stderr, "ferryd: %s\n", e.message().c_str());
+    return 2;
+  }
   if (print_config) {
     std::fputs(ferry::daemon::to_toml(config).c_str(), stdout);
     return 0;
@@ -298,6 +310,10 @@ int main(int argc, char** argv) {
     if (test_service) server.add_program(ferry::daemon::make_test_program(server));
     spdlog::info("configuration: {}", config.source);
     spdlog::info("volumes: {}", volumes.describe());
+    if (options.fault.any())
+      spdlog::warn("fault injection on every connection: {}", options.fault.describe());
+    if (config.volumes.fault.any())
+      spdlog::warn("fault injection on volume I/O: {}", config.volumes.fault.describe());
     std::vector<ferry::rpc::Endpoint> bound;
     for (const auto& l : config.listen) bound.push_back(server.listen(ferry::rpc::Endpoint::parse(l)));
     std::vector<ferry::rpc::Endpoint> nbd_bound;

@@ -260,6 +260,7 @@ FileIo::Options file_io_options(const VolumeOptions& o) {
   FileIo::Options f;
   f.engine = o.file_io == "threads" ? FileIo::Engine::threads : FileIo::Engine::io_uring;
   f.threads = o.file_io_threads;
+  if (o.fault.any()) f.fault = std::make_shared<IoFault>(o.fault);
   return f;
 }
 

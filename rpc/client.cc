@@ -439,6 +439,7 @@ asio::awaitable<Client> Client::connect(asio::any_io_executor executor, std::str
   std::shared_ptr<TlsContext> tls = options.tls_context;
   if (!tls && endpoint.is_secure()) tls = TlsContext::client(options.tls);
   auto transport = co_await connect_transport(executor, endpoint, tls, options.connect_timeout);
+  if (options.fault.any()) transport = std::make_unique<FaultTransport>(std::move(transport), options.fault);
   // No keepalive probes until the connection is set up: a probe must not
   // slip between the last SASL step and the security layer switch.
   ConnectionOptions copts = options.connection;

@@ -43,6 +43,7 @@
 #include "rpc/error.h"
 #include "rpc/sasl.h"
 #include "rpc/stream_sink.h"
+#include "rpc/fault_transport.h"
 #include "rpc/tls.h"
 
 namespace ferry::rpc {
@@ -59,6 +60,9 @@ struct ClientOptions {
   std::shared_ptr<TlsContext> tls_context;
   // Credentials for servers that ask for SASL (HelloReply.auth_required).
   SaslClientOptions sasl;
+  // Faults injected into this connection's bytes (rpc/fault_transport.h),
+  // for tests and for reproducing a field problem; off unless set.
+  FaultOptions fault;
 };
 
 // What the server accepted in Hello.

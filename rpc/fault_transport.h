@@ -3,11 +3,7 @@
 // (ferryd's [fault] section). It can delay each read and write, flip bits,
 // drop bytes, and reset the connection after a number of bytes, in the
 // bytes this side reads (what the peer sent), writes, or both.
-//
-// Byte positions count from the start of the connection in each direction
-// separately, so a fault lands at the same place in every run: "corrupt
-// every 1,000,000th byte read" flips one bit of bytes 999,999, 1,999,999,
-// ... of what the peer sent.
+// The faults themselves are in rpc/fault.h.
 #pragma once
 
 #include <chrono>
@@ -16,45 +12,10 @@
 #include <string>
 #include <string_view>
 
+#include "rpc/fault.h"
 #include "rpc/transport.h"
 
 namespace ferry::rpc {
-
-struct FaultOptions {
-  bool on_read = true;   // faults in the bytes read from the peer
-  bool on_write = true;  // faults in the bytes written to the peer
-  // Each read and write completes this much later.
-  std::chrono::microseconds delay{0};
-  // One bit flipped in every Nth byte (0: never).
-  std::uint64_t corrupt_every = 0;
-  // Every Nth byte vanishes (0: never).
-  std::uint64_t drop_every = 0;
-  // After this many bytes in a faulted direction the connection is reset:
-  // the bytes before go through, then reads and writes fail with
-  // connection_reset and the inner transport is closed (0: never).
-  std::uint64_t reset_after = 0;
-  // Which bit a corruption flips, chosen from this seed and the position.
-  std::uint64_t seed = 1;
-
-  bool any() const {
-    return delay.count() > 0 || corrupt_every > 0 || drop_every > 0 || reset_after > 0;
-  }
-
-  // "delay=5ms,corrupt_every=1M,drop_every=4096,reset_after=10M,direction=read,seed=7":
-  // any subset, in any order; counts take sizes (1M = 1048576), direction
-  // is read, write or both (the default). Throws ferry::Error
-  // (INVALID_ARGUMENT) naming the part it cannot read.
-  static FaultOptions parse(std::string_view spec);
-  // The same form, for logs; "none" without faults.
-  std::string describe() const;
-};
-
-// Faults counted so far, for tests and logs.
-struct FaultCounts {
-  std::uint64_t corrupted = 0;
-  std::uint64_t dropped = 0;
-  bool reset = false;
-};
 
 class FaultTransport final : public Transport {
  public:
@@ -69,21 +30,15 @@ class FaultTransport final : public Transport {
   void shutdown_send() override { inner_->shutdown_send(); }
   void close() override { inner_->close(); }
 
-  FaultCounts counts() const { return counts_; }
+  FaultCounts counts() const { return injector_.counts(); }
 
  private:
-  struct Direction {
-    std::uint64_t position = 0;  // bytes seen so far in this direction
-  };
   asio::awaitable<void> wait_delay();
-  // Applies the faults to `n` bytes at `data` seen at `dir.position`; returns
-  // how many remain (drops shrink them, a reset cuts them short).
-  std::size_t apply(std::uint8_t* data, std::size_t n, Direction& dir);
 
   std::unique_ptr<Transport> inner_;
   FaultOptions options_;
-  Direction read_, write_;
-  FaultCounts counts_;
+  FaultInjector injector_;
+  FaultInjector::Direction read_, write_;
 };
 
 }  // namespace ferry::rpc

@@ -756,6 +756,7 @@ class Server::Impl::Session final : public FrameHandler,
 
 void Server::Impl::accept_connection(std::unique_ptr<Transport> transport, bool counted_unauthenticated,
                                      Clock::time_point accepted) {
+  if (options_.fault.any()) transport = std::make_unique<FaultTransport>(std::move(transport), options_.fault);
   ConnectionOptions copts;
   copts.limits = options_.limits;
   copts.keepalive_interval = options_.keepalive_interval;

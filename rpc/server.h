@@ -21,6 +21,7 @@
 
 #include "rpc/buffer.h"
 #include "rpc/endpoint.h"
+#include "rpc/fault_transport.h"
 #include "rpc/frame.h"
 #include "rpc/program.h"
 #include "rpc/sasl.h"
@@ -71,6 +72,10 @@ struct ServerOptions {
   AuthMode auth_tcp = AuthMode::none;
   AuthMode auth_tls = AuthMode::none;
   int socket_buffer_bytes = 0;  // SO_SNDBUF/SO_RCVBUF per connection; 0 = kernel autotuning
+  // Faults injected into every accepted connection's bytes ([fault]
+  // transport; off unless set). On tls: listeners they act above TLS, on
+  // the bytes the connection reads and writes in clear.
+  FaultOptions fault;
 };
 
 struct ServerStats {

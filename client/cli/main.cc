@@ -405,6 +405,10 @@ int main(int argc, char** argv) {
                  "unanswered probes before the daemon is declared unreachable and the command fails")
       ->capture_default_str()
       ->check(CLI::Range(1u, 1000u));
+  std::string fault_spec;
+  app.add_option("--fault-transport", fault_spec,
+                 "inject faults into this connection's bytes, e.g. delay=5ms,reset_after=10M "
+                 "(for reproducing problems; docs/operations.md)");
 
   unsigned ping_count = 5;
   auto* ping = app.add_subcommand("ping", "measure round trips to the daemon");
@@ -540,6 +544,12 @@ int main(int argc, char** argv) {
   }
   spdlog::set_level(spdlog::level::warn);
   options.connection.keepalive_interval = std::chrono::milliseconds(keepalive_ms);
+  try {
+    options.fault = ferry::rpc::FaultOptions::parse(fault_spec);
+  } catch (const ferry::Error& e) {
+    std::fprintf(stderr, "ferry: --fault-transport: %s\n", e.message().c_str());
+    return Exit::usage;
+  }
 
   if (!password_file.empty()) {
     std::FILE* f = std::fopen(password_file.c_str(), "r");

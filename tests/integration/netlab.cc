@@ -210,7 +210,7 @@ std::vector<std::string> NetLab::wrapper(const std::string& ns) const {
 
 NetLab::Relay NetLab::start_relay(const std::string& ns, const std::string& listen_host, const std::string& to_host,
                                   std::uint16_t to_port, std::chrono::microseconds one_way,
-                                  std::uint64_t buffer_bytes) {
+                                  std::uint64_t buffer_bytes, std::vector<std::string> extra) {
   RelayProcess spec;
   spec.ns = ns;
   spec.listen_host = listen_host;
@@ -218,6 +218,7 @@ NetLab::Relay NetLab::start_relay(const std::string& ns, const std::string& list
   spec.to_port = to_port;
   spec.one_way = one_way;
   spec.buffer_bytes = buffer_bytes;
+  spec.extra = std::move(extra);
   return launch(std::move(spec), 0);
 }
 
@@ -230,6 +231,7 @@ NetLab::Relay NetLab::launch(RelayProcess spec, std::uint16_t listen_port) {
   argv.insert(argv.end(), {relay_path(), "--listen", host_port(spec.listen_host, listen_port), "--to",
                            host_port(spec.to_host, spec.to_port), "--delay", delay, "--ready-file", ready});
   if (spec.buffer_bytes) argv.insert(argv.end(), {"--buffer", std::to_string(spec.buffer_bytes)});
+  argv.insert(argv.end(), spec.extra.begin(), spec.extra.end());
   spec.process = std::make_unique<ChildProcess>(argv);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
   while (!fs::exists(ready)) {

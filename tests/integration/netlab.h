@@ -66,9 +66,11 @@ class NetLab {
   // listening on listen_host:0, forwarding to to_host:to_port with `one_way`
   // delay in each direction and at most `buffer_bytes` queued per direction
   // per connection (0: the relay's default); waits up to 10 s for its ready
-  // file (throws with the relay's output if it does not come).
+  // file (throws with the relay's output if it does not come). `extra`
+  // goes on the relay's command line (--fault-up SPEC, --fault-down SPEC).
   Relay start_relay(const std::string& ns, const std::string& listen_host, const std::string& to_host,
-                    std::uint16_t to_port, std::chrono::microseconds one_way = {}, std::uint64_t buffer_bytes = 0);
+                    std::uint16_t to_port, std::chrono::microseconds one_way = {}, std::uint64_t buffer_bytes = 0,
+                    std::vector<std::string> extra = {});
   // Kills one relay (SIGKILL: every connection through it drops at once), a
   // network failure for tests.
   void kill_relay(const Relay& relay);
@@ -82,6 +84,7 @@ class NetLab {
     std::uint16_t to_port = 0;
     std::chrono::microseconds one_way{};
     std::uint64_t buffer_bytes = 0;
+    std::vector<std::string> extra;
     std::uint16_t port = 0;
     std::unique_ptr<ChildProcess> process;
   };

@@ -13,8 +13,18 @@
 // passed on (shutdown of the write side) after the bytes before it; an error
 // or reset on one side resets the other.
 //
+// Faults (rpc/fault.h) can be added per direction: --fault-up applies to
+// the bytes from the client to upstream, --fault-down to the bytes back;
+// corrupted or dropped bytes are forwarded altered or not at all (so a TLS
+// peer sees a bad record, the way it would a faulty middlebox), and a reset
+// forwards the bytes before it and then resets both sides. SIGUSR1 makes
+// the relay a black hole (it keeps both connections open but forwards
+// nothing, like a partitioned link: bytes queue up to --buffer, then TCP
+// backpressure holds the senders); SIGUSR2 lets the bytes flow again.
+//
 //   ferry-delay-relay --listen HOST:PORT --to HOST:PORT [--delay MS]
-//                     [--buffer BYTES] [--ready-file PATH]
+//                     [--buffer BYTES] [--fault-up SPEC] [--fault-down SPEC]
+//                     [--ready-file PATH]
 #include <signal.h>
 #include <unistd.h>
 
@@ -29,6 +39,7 @@
 #include <cstdio>
 #include <deque>
 #include <fstream>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <stdexcept>
@@ -36,6 +47,10 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include "rpc/error.h"
+#include "rpc/fault.h"
+#include "rpc/units.h"
 
 namespace {
 
@@ -51,7 +66,12 @@ struct Options {
   std::vector<tcp::endpoint> upstream;
   Clock::duration delay{};
   std::size_t buffer = 64u << 20;
+  ferry::rpc::FaultOptions fault_up, fault_down;  // only their byte faults apply (delay is --delay)
 };
+
+// Set by SIGUSR1, cleared by SIGUSR2: forward nothing while set.
+std::atomic<bool> black_hole{false};
+constexpr auto black_hole_poll = std::chrono::milliseconds(10);
 
 struct Chunk {
   Clock::time_point due;
@@ -62,7 +82,8 @@ struct Chunk {
 
 // One direction of a connection: bytes read from `from`, queued, written to `to`.
 struct Direction {
-  Direction(tcp::socket& f, tcp::socket& t, const asio::any_io_executor& ex) : from(f), to(t), wake(ex), space(ex) {}
+  Direction(tcp::socket& f, tcp::socket& t, const asio::any_io_executor& ex, const ferry::rpc::FaultOptions& fault)
+      : from(f), to(t), wake(ex), space(ex), injector(fault), faulty(fault.any()) {}
   tcp::socket& from;
   tcp::socket& to;
   std::deque<Chunk> queue;
@@ -74,6 +95,10 @@ struct Direction {
   bool reader_blocked = false;  // the reader waits on `space`
   asio::steady_timer wake;      // the writer sleeps on it (until the head is due, or for data)
   asio::steady_timer space;     // the reader sleeps on it while the queue is full
+  ferry::rpc::FaultInjector injector;
+  ferry::rpc::FaultInjector::Direction position;
+  bool faulty = false;
+  bool reset = false;  // a fault reset: abort both sides once the queue is written
 };
 
 // Threads: the io_context runs on 2 threads and each connection has one
@@ -91,8 +116,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
         options_(options),
         client_(std::move(client)),
         upstream_(strand),
-        up_(client_, upstream_, strand),
-        down_(upstream_, client_, strand) {}
+        up_(client_, upstream_, strand, options.fault_up),
+        down_(upstream_, client_, strand, options.fault_down) {}
 
   void start() {
     auto self = shared_from_this();
@@ -140,7 +165,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
       }
       const std::size_t want = std::min(chunk.capacity, options_.buffer - d.queued);
       std::error_code ec;
-      const std::size_t n = co_await d.from.async_read_some(asio::buffer(chunk.data.get(), want),
+      std::size_t n = co_await d.from.async_read_some(asio::buffer(chunk.data.get(), want),
                                                             asio::redirect_error(asio::use_awaitable, ec));
       if (closed_) co_return;
       if (ec == asio::error::eof) {
@@ -153,7 +178,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
         co_return;
       }
       chunk.due = Clock::now() + options_.delay;
-      chunk.size = n;
+      chunk.size = d.faulty ? d.injector.apply(reinterpret_cast<std::uint8_t*>(chunk.data.get()), n, d.position) : n;
+      if (d.injector.reset()) {
+        d.reset = true;
+        d.eof = true;  // nothing more is read; the writer resets once the rest is out
+      }
+      n = chunk.size;
       if (n < chunk.capacity / 2) {
         // A short read: queue a copy of the right size (memory stays within
         // twice the bytes queued) and keep the large buffer for the next read.
@@ -166,8 +196,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
         chunk = std::move(small);
       }
       d.queued += n;
-      d.queue.push_back(std::move(chunk));
+      if (n > 0) d.queue.push_back(std::move(chunk));
       wake_writer(d);
+      if (d.reset) co_return;
     }
   }
 
@@ -176,7 +207,17 @@ class Connection : public std::enable_shared_from_this<Connection> {
     buffers.reserve(kMaxGather);
     for (;;) {
       if (closed_) co_return;
+      if (black_hole.load()) {
+        d.wake.expires_after(black_hole_poll);
+        std::error_code ignored;
+        co_await d.wake.async_wait(asio::redirect_error(asio::use_awaitable, ignored));
+        continue;
+      }
       if (d.queue.empty()) {
+        if (d.reset) {
+          abort();
+          co_return;
+        }
         if (d.eof) {
           std::error_code ignored;
           d.to.shutdown(tcp::socket::shutdown_send, ignored);
@@ -311,28 +352,6 @@ std::vector<tcp::endpoint> resolve(asio::io_context& io, const std::string& text
   return out;
 }
 
-// Bytes with an optional K, M, G (or KiB, MiB, GiB; powers of 1024) suffix.
-std::optional<std::uint64_t> parse_size(const std::string& text) {
-  std::size_t pos = 0;
-  while (pos < text.size() && std::isdigit(static_cast<unsigned char>(text[pos]))) ++pos;
-  if (pos == 0 || pos > 15) return std::nullopt;
-  const std::uint64_t n = std::stoull(text.substr(0, pos));
-  std::string unit = text.substr(pos);
-  for (auto& c : unit) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
-  if (unit == "B") unit.clear();
-  if (unit.size() == 3 && unit.substr(1) == "IB") unit.resize(1);
-  int shift = 0;
-  if (unit == "K")
-    shift = 10;
-  else if (unit == "M")
-    shift = 20;
-  else if (unit == "G")
-    shift = 30;
-  else if (!unit.empty())
-    return std::nullopt;
-  return n << shift;
-}
-
 void write_ready_file(const std::string& path, std::uint16_t port) {
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   {
@@ -357,12 +376,26 @@ int main(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   app.add_option("--buffer", buffer_text, "most bytes queued per direction per connection (K, M, G suffixes)")
       ->capture_default_str();
+  std::string fault_up, fault_down;
+  app.add_option("--fault-up", fault_up,
+                 "faults in the bytes from the client to upstream: corrupt_every=N, drop_every=N, reset_after=N, seed=N");
+  app.add_option("--fault-down", fault_down, "the same for the bytes from upstream back to the client");
   app.add_option("--ready-file", ready_file, "once listening, write the bound port here (one decimal line)");
   CLI11_PARSE(app, argc, argv);
 
   try {
     Options options;
-    const auto buffer = parse_size(buffer_text);
+    try {
+      options.fault_up = ferry::rpc::FaultOptions::parse(fault_up);
+      options.fault_down = ferry::rpc::FaultOptions::parse(fault_down);
+    } catch (const ferry::Error& e) {
+      throw std::invalid_argument(e.message());
+    }
+    for (auto* f : {&options.fault_up, &options.fault_down}) {
+      f->delay = {};
+      f->on_read = f->on_write = true;
+    }
+    const auto buffer = ferry::parse_size(buffer_text);
     if (!buffer || *buffer == 0) throw std::invalid_argument("--buffer '" + buffer_text + "' is not a size");
     options.buffer = static_cast<std::size_t>(*buffer);
     if (!std::isfinite(delay_ms)) throw std::invalid_argument("--delay must be finite");
@@ -384,6 +417,13 @@ int main(int argc, char** argv) {
     signals.async_wait([&io](const std::error_code& ec, int) {
       if (!ec) io.stop();
     });
+    asio::signal_set toggles(io, SIGUSR1, SIGUSR2);
+    std::function<void(const std::error_code&, int)> on_toggle = [&](const std::error_code& ec, int sig) {
+      if (ec) return;
+      black_hole.store(sig == SIGUSR1);
+      toggles.async_wait(on_toggle);
+    };
+    toggles.async_wait(on_toggle);
     asio::co_spawn(asio::make_strand(io), accept_loop(io, acceptor, options), asio::detached);
 
     if (!ready_file.empty()) write_ready_file(ready_file, bound.port());
@@ -395,6 +435,7 @@ int main(int argc, char** argv) {
     std::thread second([&io] { io.run(); });
     io.run();
     io.stop();
+    toggles.cancel();
     second.join();
     return 0;
   } catch (const std::exception& e) {
