@@ -2,6 +2,7 @@
 // refused with the file and line, and the printed form reads back the same.
 #include "daemon/config.h"
 
+#include <cerrno>
 #include <gmock/gmock.h>
 #include <gtest/gtest.h>
 
@@ -11,6 +12,7 @@ namespace ferry::daemon {
 namespace {
 
 using ::testing::HasSubstr;
+using ::testing::Not;
 using ferry::testing::error_of;
 
 const char* full = R"(
@@ -146,6 +148,19 @@ TEST(DaemonConfig, MistakesNameTheKeyAndTheLine) {
   EXPECT_THAT(error("[volumes]\nfile_io = \"aio\"\n"), HasSubstr("volumes.file_io must be"));
   EXPECT_THAT(error("[volumes]\nio_depth = 0\n"), HasSubstr("volumes.io_depth = 0 is out of range"));
   EXPECT_THAT(error("[limits\n"), HasSubstr("f.toml:1:"));
+  EXPECT_THAT(error("[fault]\ntransport = \"delay=soon\"\n"), HasSubstr("f.toml:2: fault.transport: bad fault spec"));
+  EXPECT_THAT(error("[fault]\nvolume = \"op=chew\"\n"), HasSubstr("f.toml:2: fault.volume: bad volume fault spec"));
+  EXPECT_THAT(error("[fault]\nnetwork = \"x\"\n"), HasSubstr("unknown setting fault.network"));
+}
+
+TEST(DaemonConfig, FaultSectionSetsTransportAndVolumeFaultsAndPrintsBack) {
+  DaemonConfig c = parse_config("[fault]\ntransport = \"delay=5ms,direction=write\"\nvolume = \"op=write,errno=ENOSPC\"\n", "f.toml");
+  EXPECT_EQ(c.server.fault.delay, std::chrono::milliseconds(5));
+  EXPECT_FALSE(c.server.fault.on_read);
+  EXPECT_EQ(c.volumes.fault.error, ENOSPC);
+  EXPECT_THAT(to_toml(c), HasSubstr("[fault]"));
+  EXPECT_FALSE(parse_config("", "f.toml").server.fault.any());
+  EXPECT_THAT(to_toml(parse_config("", "f.toml")), Not(HasSubstr("[fault]")));
 }
 
 }  // namespace
