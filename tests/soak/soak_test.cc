@@ -15,24 +15,23 @@
 // Once a second the daemon's RSS, open descriptors and threads go to a CSV.
 // The test fails on any lost or corrupted byte, any operation past its
 // deadline, a daemon that dies, an unexpected error, growth of RSS, fds or
-// threads after warm-up (bounds explained at check_growth), and, once every
-// client has gone, on calls or streams still held in the daemon or
-// descriptors not given back.
-#include <gtest/gtest.h>
-
+// threads after warm-up (the bounds are explained where the test checks
+// them), and, once every client has gone, on calls or streams still held in
+// the daemon or descriptors not given back.
 #include <dirent.h>
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <array>
 #include <asio/co_spawn.hpp>
 #include <asio/steady_timer.hpp>
 #include <asio/this_coro.hpp>
 #include <asio/thread_pool.hpp>
 #include <asio/use_awaitable.hpp>
 #include <asio/use_future.hpp>
-#include <algorithm>
-#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -87,7 +86,8 @@ unsigned env_unsigned(const char* name, unsigned fallback) {
   if (!v || !*v) return fallback;
   char* end = nullptr;
   const unsigned long n = std::strtoul(v, &end, 10);
-  if (*end != '\0' || n == 0) throw std::runtime_error(std::string(name) + " must be a positive number, not '" + v + "'");
+  if (*end != '\0' || n == 0)
+    throw std::runtime_error(std::string(name) + " must be a positive number, not '" + v + "'");
   return static_cast<unsigned>(n);
 }
 
@@ -107,9 +107,10 @@ struct Settings {
     s.io_threads = env_unsigned("FERRY_SOAK_IO_THREADS", 2);
     s.seed = env_unsigned("FERRY_SOAK_SEED", static_cast<unsigned>(std::random_device{}()));
     const char* csv = std::getenv("FERRY_SOAK_CSV");
-    s.csv = csv && *csv ? csv
-                        : (std::filesystem::temp_directory_path() / ("ferry-soak-" + std::to_string(::getpid()) + ".csv"))
-                              .string();
+    s.csv =
+        csv && *csv
+            ? csv
+            : (std::filesystem::temp_directory_path() / ("ferry-soak-" + std::to_string(::getpid()) + ".csv")).string();
     return s;
   }
 };
@@ -213,7 +214,8 @@ class Verifier {
     std::size_t i = 0;
     while (i < bytes.size()) {
       const stream::Extent& e = layout_.at(pos_);
-      const std::size_t take = static_cast<std::size_t>(std::min<std::uint64_t>(bytes.size() - i, e.offset + e.length - pos_));
+      const std::size_t take =
+          static_cast<std::size_t>(std::min<std::uint64_t>(bytes.size() - i, e.offset + e.length - pos_));
       const std::uint8_t* got = bytes.data() + i;
       if (e.hole) {
         if (!stream::is_all_zero({got, take})) {
@@ -296,9 +298,8 @@ enum class Op {
 };
 constexpr std::size_t kOps = static_cast<std::size_t>(Op::count);
 constexpr std::array<const char*, kOps> kOpNames = {
-    "echo",           "small_call",  "round_trip", "recheck",       "shared_read",
-    "cancel_upload",  "cancel_download", "cancel_call", "drop_upload", "drop_download",
-    "drop_call",      "raw_drop",    "reconnect"};
+    "echo",        "small_call",  "round_trip",    "recheck",   "shared_read", "cancel_upload", "cancel_download",
+    "cancel_call", "drop_upload", "drop_download", "drop_call", "raw_drop",    "reconnect"};
 // Relative weights of the mix.
 constexpr std::array<unsigned, kOps> kOpWeights = {30, 8, 22, 6, 5, 5, 5, 4, 3, 3, 3, 2, 4};
 
@@ -308,6 +309,18 @@ struct OpCounter {
   std::atomic<std::uint64_t> done{0};
   std::atomic<std::uint64_t> failed{0};
   std::atomic<std::int64_t> max_us{0};
+};
+
+// The longest of something.
+struct Slowest {
+  std::atomic<std::int64_t> us{0};
+  void note(Clock::duration d) {
+    const std::int64_t v = std::chrono::duration_cast<std::chrono::microseconds>(d).count();
+    std::int64_t prev = us.load();
+    while (v > prev && !us.compare_exchange_weak(prev, v)) {
+    }
+  }
+  double seconds() const { return static_cast<double>(us.load()) / 1e6; }
 };
 
 // What a client is doing, for the watchdog.
@@ -347,7 +360,8 @@ std::optional<Sample> read_sample(pid_t pid) {
   while (std::getline(status, line)) {
     if (line.rfind("VmRSS:", 0) == 0) s.rss_kib = std::stoull(line.substr(6));
     if (line.rfind("Threads:", 0) == 0) s.threads = static_cast<unsigned>(std::stoul(line.substr(8)));
-    if (line.rfind("State:", 0) == 0) zombie = line.find('Z') != std::string::npos || line.find('X') != std::string::npos;
+    if (line.rfind("State:", 0) == 0)
+      zombie = line.find('Z') != std::string::npos || line.find('X') != std::string::npos;
   }
   if (zombie) return std::nullopt;
   if (DIR* d = ::opendir((dir + "/fd").c_str())) {
@@ -419,7 +433,8 @@ asio::awaitable<void> pause(Clock::duration d) {
 // in a plain statement, never inside a co_await expression (GCC 12; see
 // docs/architecture.md).
 template <class P>
-asio::awaitable<typename P::Reply> call(Client& client, const typename P::Call& request, const rpc::CallOptions& options) {
+asio::awaitable<typename P::Reply> call(Client& client, const typename P::Call& request,
+                                        const rpc::CallOptions& options) {
   auto op = client.async_call<P>(request, options, asio::use_awaitable);
   co_return co_await std::move(op);
 }
@@ -474,8 +489,8 @@ class Soak {
   void failure(const Worker* w, Op op, const std::string& what) {
     if (op != Op::count) ops_[static_cast<std::size_t>(op)].failed.fetch_add(1);
     const std::uint64_t n = failure_count_.fetch_add(1) + 1;
-    const std::string text = "[" + format_seconds(elapsed()) + "] " + (w ? w->where() + " " : std::string()) +
-                             op_name(op) + ": " + what;
+    const std::string text =
+        "[" + format_seconds(elapsed()) + "] " + (w ? w->where() + " " : std::string()) + op_name(op) + ": " + what;
     if (n <= 25) std::fprintf(stderr, "SOAK FAILURE %s\n", text.c_str());
     std::lock_guard lock(mutex_);
     if (failures_.size() < 200) failures_.push_back(text);
@@ -486,11 +501,13 @@ class Soak {
     for (const auto& c : ops_) n += c.done.load(std::memory_order_relaxed);
     return n;
   }
-  std::atomic<std::uint64_t> uploaded{0};       // data bytes the daemon acknowledged
-  std::atomic<std::uint64_t> verified{0};       // logical bytes read back and checked
+  std::atomic<std::uint64_t> uploaded{0};        // data bytes the daemon acknowledged
+  std::atomic<std::uint64_t> verified{0};        // logical bytes read back and checked
   std::atomic<std::uint64_t> verified_holes{0};  // of which received as holes
-  std::atomic<std::uint64_t> echoed{0};         // echo payload bytes checked
+  std::atomic<std::uint64_t> echoed{0};          // echo payload bytes checked
   std::atomic<unsigned> connected{0};
+  // Raw connections: waiting for the raw thread, connect(), Hello.
+  Slowest raw_queue, raw_connect, raw_hello;
 
   double elapsed() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
   void mark_start() { start_ = Clock::now(); }
@@ -509,7 +526,8 @@ class Soak {
     }
     std::lock_guard lock(mutex_);
     std::fprintf(out, "expected errors (counted, not failures):%s\n", expected_.empty() ? " none" : "");
-    for (const auto& [what, n] : expected_) std::fprintf(out, "  %8llu  %s\n", static_cast<unsigned long long>(n), what.c_str());
+    for (const auto& [what, n] : expected_)
+      std::fprintf(out, "  %8llu  %s\n", static_cast<unsigned long long>(n), what.c_str());
   }
   std::vector<std::string> failures() const {
     std::lock_guard lock(mutex_);
@@ -522,7 +540,7 @@ class Soak {
   std::vector<WorkerState> states_;
   std::shared_ptr<rpc::TlsContext> tls_context_;
   std::shared_ptr<rpc::BufferPool> buffers_;
-  asio::thread_pool raw_{1};  // blocking raw-socket work, off the io threads
+  asio::thread_pool raw_{4};  // blocking raw-socket work, off the io threads
   std::atomic<bool> stopping_{false};
   Layout shared_;
   Clock::time_point start_ = Clock::now();
@@ -612,8 +630,9 @@ struct DownloadOutcome {
 // Downloads [offset, offset+length) of `name` and checks every byte against
 // `layout`; with a `stop`, gives up after `stop_after` items. A wrong byte
 // throws DataError (after the stream has been let go).
-asio::awaitable<DownloadOutcome> download(Worker& w, const std::string& name, const Layout& layout, std::uint64_t offset,
-                                          std::uint64_t length, Stop stop = Stop::none, std::size_t stop_after = 0) {
+asio::awaitable<DownloadOutcome> download(Worker& w, const std::string& name, const Layout& layout,
+                                          std::uint64_t offset, std::uint64_t length, Stop stop = Stop::none,
+                                          std::size_t stop_after = 0) {
   ferry::v1::VolDownloadCall request;
   request.mutable_volume()->set_pool("default");
   request.mutable_volume()->set_name(name);
@@ -666,8 +685,8 @@ asio::awaitable<DownloadOutcome> download(Worker& w, const std::string& name, co
   if (out.reply && !out.stopped) {
     verifier.end(out.reply->digest());
     if (offset == 0 && length == layout.size && out.reply->capacity() != layout.size)
-      throw DataError("volume default/" + name + ": capacity " + std::to_string(out.reply->capacity()) +
-                      ", expected " + std::to_string(layout.size));
+      throw DataError("volume default/" + name + ": capacity " + std::to_string(out.reply->capacity()) + ", expected " +
+                      std::to_string(layout.size));
     w.soak.verified += length;
     w.soak.verified_holes += holes;
   }
@@ -782,10 +801,11 @@ asio::awaitable<void> op_echo(Worker& w) {
   const auto reply = co_await call<TestSvc::Echo>(*w.client, request, o);
   if (reply.payload() != request.payload() || reply.received() != size) {
     std::size_t k = 0;
-    while (k < std::min(reply.payload().size(), request.payload().size()) && reply.payload()[k] == request.payload()[k]) ++k;
-    throw DataError("echo of " + std::to_string(size) + " bytes came back as " + std::to_string(reply.payload().size()) +
-                    " bytes (server saw " + std::to_string(reply.received()) + "), first difference at byte " +
-                    std::to_string(k));
+    while (k < std::min(reply.payload().size(), request.payload().size()) && reply.payload()[k] == request.payload()[k])
+      ++k;
+    throw DataError("echo of " + std::to_string(size) + " bytes came back as " +
+                    std::to_string(reply.payload().size()) + " bytes (server saw " + std::to_string(reply.received()) +
+                    "), first difference at byte " + std::to_string(k));
   }
   w.soak.echoed += size;
 }
@@ -869,13 +889,18 @@ asio::awaitable<void> op_stopped_upload(Worker& w, Op op, Stop stop) {
   }
   const std::size_t stop_after = w.rng() % 8;  // 0: before any data
   const UploadOutcome out = co_await upload(w, layout, atomic, false, stop, stop_after);
-  if (out.reply) throw Error(Code::internal, "an upload given up after " + std::to_string(stop_after) + " pieces ended well");
+  if (out.reply)
+    throw Error(Code::internal, "an upload given up after " + std::to_string(stop_after) + " pieces ended well");
   const Code want = stop == Stop::close ? Code::unavailable : Code::cancelled;
   if (out.error->code() != want)
-    throw Error(out.error->code(), "an upload given up (" + std::string(stop == Stop::close ? "connection closed" : "cancelled") +
+    throw Error(out.error->code(), "an upload given up (" +
+                                       std::string(stop == Stop::close ? "connection closed" : "cancelled") +
                                        ") ended with " + out.error->describe());
   w.soak.expected(op, std::string(to_string(want)) + " (" +
-                          (stop == Stop::cancel ? "CANCEL" : stop == Stop::abort ? "client abort" : "own close") + ")");
+                          (stop == Stop::cancel  ? "CANCEL"
+                           : stop == Stop::abort ? "client abort"
+                                                 : "own close") +
+                          ")");
   // An atomic upload that did not end well leaves the old contents;
   // one in place leaves whatever it wrote.
   w.layout = atomic ? before : std::nullopt;
@@ -903,7 +928,10 @@ asio::awaitable<void> op_stopped_download(Worker& w, Op op, Stop stop) {
     if (out.error->code() != want)
       throw Error(out.error->code(), "a download given up ended with " + out.error->describe());
     w.soak.expected(op, std::string(to_string(want)) + " (" +
-                            (stop == Stop::cancel ? "CANCEL" : stop == Stop::abort ? "client abort" : "own close") + ")");
+                            (stop == Stop::cancel  ? "CANCEL"
+                             : stop == Stop::abort ? "client abort"
+                                                   : "own close") +
+                            ")");
   }
   if (stop == Stop::close) {
     disconnect(w);
@@ -960,14 +988,20 @@ asio::awaitable<void> op_drop_call(Worker& w, Op op) {
 
 // Raw connections that end abruptly, the way a crashed client ends: before
 // Hello, in the middle of a frame, with a call in flight, in the middle of a
-// stream. Blocking socket work: runs on the raw thread.
-asio::awaitable<void> raw_drop(std::string socket_path, std::uint16_t port, unsigned variant, std::uint32_t seed) {
+// stream. Blocking socket work: runs on the raw threads.
+asio::awaitable<void> raw_drop(Soak* soak, Clock::time_point queued, std::string socket_path, std::uint16_t port,
+                               unsigned variant, std::uint32_t seed) {
+  const auto started = Clock::now();
+  soak->raw_queue.note(started - queued);
   RawSocket s = socket_path.empty() ? RawSocket::connect_tcp(port) : RawSocket::connect_unix(socket_path);
+  const auto connected = Clock::now();
+  soak->raw_connect.note(connected - started);
   if (variant == 0) co_return;  // gone before Hello
   s.hello();
+  soak->raw_hello.note(Clock::now() - connected);
   if (variant == 1) {
     // A CALL announcing 4000 bytes of body, of which 100 come.
-    rpc::Header h{TestSvc::program, TestSvc::version, TestSvc::Echo::number, rpc::FrameType::call, 2,
+    rpc::Header h{TestSvc::program,    TestSvc::version, TestSvc::Echo::number, rpc::FrameType::call, 2,
                   rpc::FrameStatus::ok};
     std::vector<std::uint8_t> body(4000, static_cast<std::uint8_t>(seed));
     auto frame = rpc::encode_frame(h, body);
@@ -975,17 +1009,18 @@ asio::awaitable<void> raw_drop(std::string socket_path, std::uint16_t port, unsi
   } else if (variant == 2) {
     test::v1::SleepCall sleep;
     sleep.set_ms(2000);
-    s.send_frame({TestSvc::program, TestSvc::version, TestSvc::Sleep::number, rpc::FrameType::call, 2,
-                  rpc::FrameStatus::ok},
-                 sleep.SerializeAsString());
+    s.send_frame(
+        {TestSvc::program, TestSvc::version, TestSvc::Sleep::number, rpc::FrameType::call, 2, rpc::FrameStatus::ok},
+        sleep.SerializeAsString());
   } else {
     // An upload stream to the test program, cut after two chunks and half a third.
-    s.send_frame({TestSvc::program, TestSvc::version, TestSvc::Upload::number, rpc::FrameType::call, 2,
-                  rpc::FrameStatus::ok},
-                 test::v1::UploadCall{}.SerializeAsString());
+    s.send_frame(
+        {TestSvc::program, TestSvc::version, TestSvc::Upload::number, rpc::FrameType::call, 2, rpc::FrameStatus::ok},
+        test::v1::UploadCall{}.SerializeAsString());
     const std::string chunk(64 * KiB, static_cast<char>(seed));
-    const rpc::Header data{TestSvc::program, TestSvc::version, TestSvc::Upload::number, rpc::FrameType::data_chunk, 2,
-                           rpc::FrameStatus::cont};
+    const rpc::Header data{
+        TestSvc::program,      TestSvc::version, TestSvc::Upload::number, rpc::FrameType::data_chunk, 2,
+        rpc::FrameStatus::cont};
     s.send_frame(data, chunk);
     s.send_frame(data, chunk);
     auto frame = rpc::encode_frame(data, {reinterpret_cast<const std::uint8_t*>(chunk.data()), chunk.size()});
@@ -997,7 +1032,7 @@ asio::awaitable<void> op_raw_drop(Worker& w, Op op) {
   const unsigned variant = static_cast<unsigned>(w.rng() % 4);
   std::string path = w.kind == TransportKind::unix_socket ? w.soak.daemon().socket_path() : std::string();
   auto dropping = asio::co_spawn(w.soak.raw_executor(),
-                                 raw_drop(std::move(path), w.soak.daemon().tcp_port(), variant,
+                                 raw_drop(&w.soak, Clock::now(), std::move(path), w.soak.daemon().tcp_port(), variant,
                                           static_cast<std::uint32_t>(w.rng())),
                                  asio::use_awaitable);
   std::optional<std::string> refused;
@@ -1008,7 +1043,8 @@ asio::awaitable<void> op_raw_drop(Worker& w, Op op) {
     if (std::string(e.what()).find("Hello failed") == std::string::npos) throw;
     refused = e.what();
   }
-  w.soak.expected(op, refused ? "raw Hello refused (limit)" : "raw connection dropped (variant " + std::to_string(variant) + ")");
+  w.soak.expected(
+      op, refused ? "raw Hello refused (limit)" : "raw connection dropped (variant " + std::to_string(variant) + ")");
 }
 
 asio::awaitable<void> op_reconnect(Worker& w, Op op) {
@@ -1129,8 +1165,9 @@ asio::awaitable<void> run_worker(Soak& soak, unsigned id) {
       soak.done(op, took);
     }
     if (took > soak.settings().deadline && !failed)
-      soak.failure(&w, op, "HANG: took " + Soak::format_seconds(std::chrono::duration<double>(took).count()) +
-                               ", past its deadline of " + std::to_string(soak.settings().deadline.count()) + " s");
+      soak.failure(&w, op,
+                   "HANG: took " + Soak::format_seconds(std::chrono::duration<double>(took).count()) +
+                       ", past its deadline of " + std::to_string(soak.settings().deadline.count()) + " s");
     co_await pause(std::chrono::milliseconds(overloaded ? 200 : 10 + w.rng() % 90));
   }
   disconnect(w);
@@ -1150,6 +1187,16 @@ std::uint64_t max_in(const std::vector<Sample>& samples, Window w, F value) {
   for (const auto& s : samples)
     if (s.t >= w.from && s.t <= w.to) m = std::max<std::uint64_t>(m, value(s));
   return m;
+}
+
+template <class F>
+std::uint64_t median_in(const std::vector<Sample>& samples, Window w, F value) {
+  std::vector<std::uint64_t> v;
+  for (const auto& s : samples)
+    if (s.t >= w.from && s.t <= w.to) v.push_back(value(s));
+  if (v.empty()) return 0;
+  std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+  return v[v.size() / 2];
 }
 
 std::string gdb_stacks(pid_t pid) {
@@ -1178,11 +1225,13 @@ TEST(SoakTest, MixedWorkload) {
   const auto& log_text = daemon.log();
   // "at most N kernel workers": the daemon's cap on io_uring's io-wq threads.
   unsigned iowq_cap = 0;
-  if (auto at = log_text.find("at most "); at != std::string::npos && log_text.find("kernel workers", at) != std::string::npos)
+  if (auto at = log_text.find("at most ");
+      at != std::string::npos && log_text.find("kernel workers", at) != std::string::npos)
     iowq_cap = static_cast<unsigned>(std::stoul(log_text.substr(at + 8)));
-  std::printf("soak: %u s, %u clients over unix, tcp and tls, deadline %lld s per operation, seed %llu (FERRY_SOAK_SEED)\n",
-              settings.seconds, settings.clients, static_cast<long long>(settings.deadline.count()),
-              static_cast<unsigned long long>(settings.seed));
+  std::printf(
+      "soak: %u s, %u clients over unix, tcp and tls, deadline %lld s per operation, seed %llu (FERRY_SOAK_SEED)\n",
+      settings.seconds, settings.clients, static_cast<long long>(settings.deadline.count()),
+      static_cast<unsigned long long>(settings.seed));
   std::printf("soak: ferryd pid %d, log %s/ferryd.log, io_uring worker cap %u\n", daemon.pid(), daemon.dir().c_str(),
               iowq_cap);
 
@@ -1256,8 +1305,8 @@ TEST(SoakTest, MixedWorkload) {
         if (started == 0 || now - started < limit || st.hang_reported.exchange(true)) continue;
         const int op = st.op.load();
         soak.failure(nullptr, op >= 0 ? static_cast<Op>(op) : Op::count,
-                     "HANG: client " + std::to_string(id) + " has been in " + (op >= 0 ? kOpNames[op] : "?") +
-                         " for " + std::to_string((now - started) / 1'000'000'000) + " s (watchdog)");
+                     "HANG: client " + std::to_string(id) + " has been in " + (op >= 0 ? kOpNames[op] : "?") + " for " +
+                         std::to_string((now - started) / 1'000'000'000) + " s (watchdog)");
         if (hang_stacks.empty()) hang_stacks = gdb_stacks(daemon.pid());
       }
       next += 1s;
@@ -1268,7 +1317,9 @@ TEST(SoakTest, MixedWorkload) {
   std::atomic<unsigned> running{settings.clients};
   for (unsigned id = 0; id < settings.clients; ++id)
     asio::co_spawn(io.executor(), run_worker(soak, id), [&running, &soak, id](std::exception_ptr e) {
-      if (e) soak.failure(nullptr, Op::count, "client " + std::to_string(id) + " ended: " + Error::from_exception(e).describe());
+      if (e)
+        soak.failure(nullptr, Op::count,
+                     "client " + std::to_string(id) + " ended: " + Error::from_exception(e).describe());
       running.fetch_sub(1);
     });
 
@@ -1364,31 +1415,43 @@ TEST(SoakTest, MixedWorkload) {
               settings.clients, (settings.clients + 2) / 3, (settings.clients + 1) / 3, settings.clients / 3,
               static_cast<unsigned long long>(ops), static_cast<double>(ops) / T,
               static_cast<unsigned long long>(soak.failure_count()));
-  std::printf("bytes: %.1f MiB uploaded (acknowledged data), %.1f MiB read back and verified (%.1f MiB of it as holes), "
-              "%.1f MiB of echo payload verified\n",
-              static_cast<double>(soak.uploaded.load()) / MiB, static_cast<double>(soak.verified.load()) / MiB,
-              static_cast<double>(soak.verified_holes.load()) / MiB, static_cast<double>(soak.echoed.load()) / MiB);
+  std::printf(
+      "bytes: %.1f MiB uploaded (acknowledged data), %.1f MiB read back and verified (%.1f MiB of it as holes), "
+      "%.1f MiB of echo payload verified\n",
+      static_cast<double>(soak.uploaded.load()) / MiB, static_cast<double>(soak.verified.load()) / MiB,
+      static_cast<double>(soak.verified_holes.load()) / MiB, static_cast<double>(soak.echoed.load()) / MiB);
   soak.print_counts(stdout);
-  std::printf("ferryd             idle-before  warm-up-max(0-%.0fs)  2nd-window-max(%.0f-%.0fs)  last-window-max(%.0f-%.0fs)  idle-after\n",
-              warmup, second.from, second.to, last.from, T);
+  std::printf("raw connections, slowest: %.3f s waiting for a raw thread, %.3f s to connect, %.3f s for Hello\n",
+              soak.raw_queue.seconds(), soak.raw_connect.seconds(), soak.raw_hello.seconds());
+  std::printf(
+      "ferryd                  idle before    warm-up %3.0f-%3.0f s   2nd window %3.0f-%3.0f s  last window "
+      "%3.0f-%3.0f s   idle after\n",
+      0.0, warmup, second.from, second.to, last.from, T);
   auto row = [&](const char* name, auto value, double scale) {
-    auto show = [&](std::optional<Sample> s) {
-      return s ? static_cast<double>(value(*s)) / scale : -1.0;
-    };
-    std::printf("  %-16s %11.1f  %19.1f  %24.1f  %24.1f  %10.1f\n", name, show(idle_before),
+    auto show = [&](std::optional<Sample> s) { return s ? static_cast<double>(value(*s)) / scale : -1.0; };
+    std::printf("  %-20s %11.1f  %19.1f  %22.1f  %22.1f  %11.1f\n", name, show(idle_before),
                 static_cast<double>(max_in(curve, warm, value)) / scale,
                 static_cast<double>(max_in(curve, second, value)) / scale,
                 static_cast<double>(max_in(curve, last, value)) / scale, show(idle_after));
   };
-  row("RSS MiB", rss, 1024.0);
-  row("open fds", fds, 1.0);
-  row("threads", threads, 1.0);
-  row("  of which io-wq", iowq, 1.0);
-  std::printf("daemon stats after the run: %u client(s), %llu call(s) in flight (the Stats call itself), %llu stream(s) "
-              "open, %llu buffer bytes in use\n",
-              stats.clients(), static_cast<unsigned long long>(stats.calls_in_flight()),
-              static_cast<unsigned long long>(stats.streams_open()),
-              static_cast<unsigned long long>(stats.buffer_bytes_in_use()));
+  row("RSS MiB (max)", rss, 1024.0);
+  row("open fds (max)", fds, 1.0);
+  std::printf("  %-20s %11s  %19.1f  %22.1f  %22.1f\n", "RSS MiB (median)", "",
+              static_cast<double>(median_in(curve, warm, rss)) / 1024,
+              static_cast<double>(median_in(curve, second, rss)) / 1024,
+              static_cast<double>(median_in(curve, last, rss)) / 1024);
+  std::printf("  %-20s %11s  %19llu  %22llu  %22llu\n", "open fds (median)", "",
+              static_cast<unsigned long long>(median_in(curve, warm, fds)),
+              static_cast<unsigned long long>(median_in(curve, second, fds)),
+              static_cast<unsigned long long>(median_in(curve, last, fds)));
+  row("threads (max)", threads, 1.0);
+  row("  of which iou-wrk", iowq, 1.0);
+  std::printf(
+      "daemon stats after the run: %u client(s), %llu call(s) in flight (the Stats call itself), %llu stream(s) "
+      "open, %llu buffer bytes in use\n",
+      stats.clients(), static_cast<unsigned long long>(stats.calls_in_flight()),
+      static_cast<unsigned long long>(stats.streams_open()),
+      static_cast<unsigned long long>(stats.buffer_bytes_in_use()));
   std::printf("curve: %s (%zu samples)\n", settings.csv.c_str(), curve.size());
 
   // ---- verdict ----
@@ -1397,32 +1460,37 @@ TEST(SoakTest, MixedWorkload) {
   ASSERT_FALSE(daemon_died) << "ferryd died";
   ASSERT_EQ(stuck, 0u);
   EXPECT_TRUE(fresh_ok) << "a fresh client was not served after the run";
-  EXPECT_EQ(stats.calls_in_flight(), 1u) << "calls still in flight in ferryd with every client gone (1 = the Stats call)";
+  EXPECT_EQ(stats.calls_in_flight(), 1u)
+      << "calls still in flight in ferryd with every client gone (1 = the Stats call)";
   EXPECT_EQ(stats.streams_open(), 0u) << "streams still open in ferryd with every client gone";
   EXPECT_EQ(stats.buffer_bytes_in_use(), 0u) << "pooled buffers still held in ferryd with every client gone";
   EXPECT_EQ(stats.clients(), 1u);
 
-  // Growth after warm-up. What varies from second to second is how many
-  // connections, streams and files are open at the sampling instant; what a
-  // leak adds only ever goes up. So the maxima of two windows of equal
-  // length are compared, and:
-  //  - threads: ferryd's own threads are fixed pools, so none may appear
-  //    after warm-up (last-window max <= warm-up max, no slack). io_uring's
-  //    kernel workers come and go with the I/O but never past the daemon's
-  //    cap (logged at start-up: "at most N kernel workers").
-  //  - fds: one per connection, per open volume file and per temporary file
-  //    of an atomic upload; the windows' maxima differ by the noise of a few
-  //    streams opening or closing (a few percent of the clients). Slack:
-  //    max(16, 5% of the warm-up max). One descriptor leaked per cancel or
-  //    drop, a few per second, passes it within a minute. Leaks too slow for
-  //    that are caught exactly below: with every client gone the daemon must
-  //    hold no more descriptors than it did idle before the run.
-  //  - RSS: allocator caches and the buffer pool settle during warm-up;
-  //    after it, the last window may exceed the second by max(8 MiB, 10%).
-  //    A leak of 100 bytes per operation over tens of thousands of
-  //    operations a minute exceeds that; page-cache-like noise does not.
-  //    Under sanitizers RSS is not bounded: ASan's quarantine keeps freed
-  //    memory by design (LeakSanitizer checks for leaks at ferryd's exit).
+  // Growth after warm-up. From second to second the daemon's RSS and
+  // descriptors follow what is in flight at the sampling instant: streams
+  // hold up to a 4 MiB window of buffers each, and a descriptor per
+  // connection, per open volume file and per temporary file of an atomic
+  // upload. On a 2-core machine shared with other work, a window's maximum
+  // is one lucky instant and moved by 10-12% between 10 s windows of a
+  // steady run (RSS 196 to 224 MiB, fds 507 to 547 with 300 clients);
+  // comparing maxima would flake. A window's median moved by 4% (RSS) and
+  // 3% (fds). What a leak adds never goes away, so it moves the median as
+  // much as the maximum. Hence:
+  //  - threads: ferryd's own threads are fixed pools: none may appear after
+  //    warm-up (max of the later windows <= warm-up max, no slack). io_uring's
+  //    kernel workers (iou-wrk) come and go with the I/O, but never past the
+  //    daemon's cap (logged at start-up: "at most N kernel workers").
+  //  - fds: the last window's median may exceed the second's by
+  //    max(16, 10%), and its maximum the warm-up maximum by max(32, 10%).
+  //    One descriptor leaked per cancel or drop (hundreds a minute) passes
+  //    that within a minute; any leak at all is caught exactly below, where
+  //    with every client gone ferryd must hold what it held idle before.
+  //  - RSS: the last window's median may exceed the second's by
+  //    max(8 MiB, 10%) (with 300 clients, about 19 MiB): a leak of a few
+  //    hundred bytes per operation at 400 operations a second passes it in
+  //    a 2-minute run, and a smaller one in a 30-minute run. Under
+  //    sanitizers RSS is not bounded: ASan's quarantine keeps freed memory
+  //    by design, and LeakSanitizer checks for leaks at ferryd's exit.
   if (!curve.empty() && T >= 20) {
     const std::uint64_t warm_threads = max_in(curve, warm, own_threads);
     const std::uint64_t late_threads = std::max(max_in(curve, second, own_threads), max_in(curve, last, own_threads));
@@ -1430,18 +1498,21 @@ TEST(SoakTest, MixedWorkload) {
     if (iowq_cap) {
       EXPECT_LE(max_in(curve, {0, T + 1}, iowq), iowq_cap) << "more io_uring kernel workers than the daemon's cap";
     }
+    const std::uint64_t fds_second = median_in(curve, second, fds), fds_last = median_in(curve, last, fds);
+    const std::uint64_t fds_slack = std::max<std::uint64_t>(16, fds_second / 10);
+    EXPECT_LE(fds_last, fds_second + fds_slack)
+        << "open descriptors kept growing after warm-up: median " << fds_second << " in the second window, " << fds_last
+        << " in the last (slack " << fds_slack << ")";
     const std::uint64_t warm_fds = max_in(curve, warm, fds);
-    const std::uint64_t fd_slack = std::max<std::uint64_t>(16, warm_fds / 20);
-    EXPECT_LE(max_in(curve, last, fds), max_in(curve, second, fds) + fd_slack)
-        << "open descriptors kept growing after warm-up (slack " << fd_slack << ")";
-    EXPECT_LE(max_in(curve, last, fds), warm_fds + fd_slack)
-        << "more descriptors at the end than during warm-up (slack " << fd_slack << ")";
-    const std::uint64_t rss_second = max_in(curve, second, rss);
+    const std::uint64_t peak_slack = std::max<std::uint64_t>(32, warm_fds / 10);
+    EXPECT_LE(max_in(curve, last, fds), warm_fds + peak_slack)
+        << "more descriptors at the end than during warm-up (slack " << peak_slack << ")";
+    const std::uint64_t rss_second = median_in(curve, second, rss), rss_last = median_in(curve, last, rss);
     const std::uint64_t rss_slack = std::max<std::uint64_t>(8 * 1024, rss_second / 10);
     if (!kSanitized) {
-      EXPECT_LE(max_in(curve, last, rss), rss_second + rss_slack)
-          << "ferryd's RSS kept growing after warm-up: " << rss_second / 1024 << " MiB in the second window, "
-          << max_in(curve, last, rss) / 1024 << " MiB in the last";
+      EXPECT_LE(rss_last, rss_second + rss_slack)
+          << "ferryd's RSS kept growing after warm-up: median " << rss_second / 1024 << " MiB in the second window, "
+          << rss_last / 1024 << " MiB in the last (slack " << rss_slack / 1024 << " MiB)";
     }
   }
   // Idle again: the descriptors of every connection, volume file and
