@@ -53,6 +53,13 @@ struct MigrationConfig {
   std::string sasl_password_file;         // first line: the password
 };
 
+// [admin]: the admin socket and the metrics endpoint (docs/operations.md).
+struct AdminConfig {
+  bool enabled = true;
+  std::string socket;          // empty: ferryd-admin.sock beside the first unix: listener
+  std::string metrics_listen;  // HOST:PORT of the Prometheus endpoint; empty: off
+};
+
 struct DaemonConfig {
   rpc::ServerOptions server;
   std::vector<std::string> listen;  // addresses; empty: the default unix socket
@@ -60,6 +67,7 @@ struct DaemonConfig {
   VolumeOptions volumes;
   NbdConfig nbd;
   MigrationConfig migration;
+  AdminConfig admin;
   std::string log_level = "info";
   unsigned shutdown_grace_ms = 5000;
   bool test_service = false;
