@@ -83,7 +83,17 @@ void split_volume(const std::string& ref, v1::AdminJob& job) {
   job.set_volume(ref.substr(slash + 1));
 }
 
-v1::AdminJob to_proto(const rpc::StreamJob& j) {
+// "ferry.v1.Volume.VolUpload" -> "Volume.VolUpload".
+std::string short_procedure(const std::string& full) {
+  const auto last = full.rfind('.');
+  if (last == std::string::npos || last == 0) return full;
+  const auto before = full.rfind('.', last - 1);
+  return before == std::string::npos ? full : full.substr(before + 1);
+}
+
+v1::AdminJob to_proto(const rpc::StreamJob& stream_job) {
+  rpc::StreamJob j = stream_job;
+  j.procedure = short_procedure(j.procedure);
   v1::AdminJob out;
   out.set_id(std::to_string(j.id));
   out.set_kind(stream_kind(j.procedure));

@@ -1404,7 +1404,7 @@ bool Server::cancel_stream_job(std::uint64_t id, const Error& error) {
     auto jobs = s->jobs(id);
     if (jobs.empty()) continue;
     auto& j = jobs.front();
-    spdlog::info("job {} ({} from {}, client id {}) cancelled by the administrator: {}", id, j.state->procedure_name,
+    spdlog::info("job {} ({} from {}, client id {}) ends: {}", id, j.state->procedure_name,
                  s->peer().address, s->id(), error.message());
     j.state->cancelled_by_admin.store(true);
     j.sink->abort_by_server(error);
