@@ -248,6 +248,12 @@ DaemonConfig parse_config(const std::string& text, const std::string& source) {
   migration.string("sasl_password_file", c.migration.sasl_password_file);
   migration.check_all_used();
 
+  Section admin(table_or_empty(top, "admin", source), "admin", source);
+  admin.boolean("enabled", c.admin.enabled);
+  admin.string("socket", c.admin.socket);
+  admin.string("metrics_listen", c.admin.metrics_listen);
+  admin.check_all_used();
+
   const auto& nbd_table = table_or_empty(top, "nbd", source);
   Section nbd(nbd_table, "nbd", source);
   nbd.strings("listen", c.nbd.listen);
@@ -370,6 +376,9 @@ std::string to_toml(const DaemonConfig& c) {
                                        {"sasl_password_file", m.sasl_password_file}});
   if (!c.fault.transport.empty() || !c.fault.volume.empty())
     root.insert("fault", toml::table{{"transport", c.fault.transport}, {"volume", c.fault.volume}});
+  root.insert("admin", toml::table{{"enabled", c.admin.enabled},
+                                   {"socket", c.admin.socket},
+                                   {"metrics_listen", c.admin.metrics_listen}});
   toml::array pools;
   for (const auto& p : c.pools) pools.push_back(toml::table{{"name", p.name}, {"path", p.path}, {"read_only", p.read_only}});
   root.insert("pool", pools);

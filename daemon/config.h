@@ -62,6 +62,13 @@ struct FaultConfig {
   std::string volume;     // IoFaultOptions spec (daemon/io_fault.h), on volume file I/O
 };
 
+// [admin]: the admin socket and the metrics endpoint (docs/operations.md).
+struct AdminConfig {
+  bool enabled = true;
+  std::string socket;          // empty: ferryd-admin.sock beside the first unix: listener
+  std::string metrics_listen;  // HOST:PORT of the Prometheus endpoint; empty: off
+};
+
 struct DaemonConfig {
   rpc::ServerOptions server;
   std::vector<std::string> listen;  // addresses; empty: the default unix socket
@@ -70,6 +77,7 @@ struct DaemonConfig {
   NbdConfig nbd;
   MigrationConfig migration;
   FaultConfig fault;
+  AdminConfig admin;
   std::string log_level = "info";
   unsigned shutdown_grace_ms = 5000;
   bool test_service = false;

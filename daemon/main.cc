@@ -11,8 +11,10 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "daemon/admin_service.h"
 #include "daemon/config.h"
 #include "daemon/default_paths.h"
+#include "daemon/metrics_http.h"
 #include "daemon/migration.h"
 #include "daemon/nbd_service.h"
 #include "daemon/test_service.h"
@@ -221,6 +223,11 @@ int main(int argc, char** argv) {
                  "(docs/operations.md); for reproducing problems, never in production");
   app.add_option("--fault-volume", config.fault.volume,
                  "inject volume I/O faults, e.g. op=write,errno=ENOSPC,after=8M (docs/operations.md)");
+  app.add_option("--admin-socket", config.admin.socket,
+                 "admin socket path (mode 0600; default: ferryd-admin.sock beside the first unix: listener)");
+  app.add_flag("--no-admin", [&config](std::int64_t) { config.admin.enabled = false; }, "serve no admin socket");
+  app.add_option("--metrics-listen", config.admin.metrics_listen,
+                 "HOST:PORT for the Prometheus endpoint (GET /metrics), e.g. 127.0.0.1:9470 (default: off)");
   app.add_option("--ready-file", ready_file, "write the bound addresses here, one per line, once listening");
   CLI11_PARSE(app, argc, argv);
 
@@ -308,6 +315,8 @@ int main(int argc, char** argv) {
     server.add_program(nbd.program());
     server.add_program(migration.program());
     if (test_service) server.add_program(ferry::daemon::make_test_program(server));
+    ferry::daemon::AdminService admin(server, &migration);
+    if (config.admin.enabled) server.add_admin_program(admin.program());
     spdlog::info("configuration: {}", config.source);
     spdlog::info("volumes: {}", volumes.describe());
     if (options.fault.any())
@@ -316,9 +325,26 @@ int main(int argc, char** argv) {
       spdlog::warn("fault injection on volume I/O: {}", config.volumes.fault.describe());
     std::vector<ferry::rpc::Endpoint> bound;
     for (const auto& l : config.listen) bound.push_back(server.listen(ferry::rpc::Endpoint::parse(l)));
+    if (config.admin.enabled) {
+      std::string path = config.admin.socket;
+      if (path.empty()) {
+        path = ferry::daemon::default_admin_socket_path();
+        for (const auto& l : config.listen)
+          if (auto e = ferry::rpc::Endpoint::parse(l); e.kind == ferry::rpc::Endpoint::Kind::unix_socket) {
+            path = ferry::daemon::admin_socket_beside(e.path);
+            break;
+          }
+      }
+      server.listen_admin(path);
+    }
+    std::unique_ptr<ferry::daemon::MetricsServer> metrics;
+    if (!config.admin.metrics_listen.empty())
+      metrics = std::make_unique<ferry::daemon::MetricsServer>(server.io_context(), config.admin.metrics_listen,
+                                                               [&admin] { return admin.metrics_text(); });
     std::vector<ferry::rpc::Endpoint> nbd_bound;
     for (const auto& l : config.nbd.listen) nbd_bound.push_back(nbd.listen(server, ferry::rpc::Endpoint::parse(l)));
     server.start();
+    if (metrics) metrics->start();
     nbd.open_exports(server);
     spdlog::info("NBD: {}", nbd.describe());
     // The ready file lists the ferry listeners, then the plain NBD ones.
@@ -338,6 +364,7 @@ int main(int argc, char** argv) {
       }
     }
     spdlog::info("received {}, shutting down (grace {} ms)", sig == SIGTERM ? "SIGTERM" : "SIGINT", shutdown_grace_ms);
+    if (metrics) metrics->stop();
     nbd.shutdown(std::chrono::milliseconds(shutdown_grace_ms));
     migration.shutdown(std::chrono::milliseconds(std::min(shutdown_grace_ms, 2000u)));
     server.shutdown(std::chrono::milliseconds(shutdown_grace_ms));

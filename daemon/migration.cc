@@ -815,8 +815,9 @@ std::shared_ptr<rpc::Program> Migration::Impl::program() {
   });
 
   stream::on<v1::Migration::CopyWrite>(*program, [self, io](const v1::CopyWriteCall& call, stream::Stream& st,
-                                                           rpc::CallContext&) -> asio::awaitable<v1::CopyWriteReply> {
+                                                           rpc::CallContext& ctx) -> asio::awaitable<v1::CopyWriteReply> {
     auto s = self->session(call.copy_id());
+    ctx.set_subject(s->key);
     const std::uint64_t extents = (s->capacity + s->extent_size - 1) / s->extent_size;
     if (call.index() >= extents || call.offset() != call.index() * s->extent_size ||
         call.length() != std::min(s->extent_size, s->capacity - call.offset()))
@@ -1058,5 +1059,12 @@ Migration::Migration(VolumeService& volumes, rpc::Server& server, MigrationOptio
 Migration::~Migration() = default;
 std::shared_ptr<rpc::Program> Migration::program() { return impl_->program(); }
 void Migration::shutdown(std::chrono::milliseconds grace) { impl_->shutdown(grace); }
+std::vector<v1::JobStatus> Migration::jobs() const { return impl_->jobs_.list(); }
+v1::JobStatus Migration::cancel_job(const std::string& id, const std::string& reason) {
+  auto job = impl_->jobs_.find(id);
+  spdlog::info("job {}: cancelled by the administrator: {}", id, reason);
+  impl_->jobs_.cancel(job, Error(Code::cancelled, reason, "migration"));
+  return impl_->jobs_.info(id);
+}
 
 }  // namespace ferry::daemon

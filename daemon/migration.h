@@ -22,12 +22,17 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "rpc/client.h"
 #include "rpc/program.h"
 
 namespace ferry::rpc {
 class Server;
+}
+
+namespace ferry::v1 {
+class JobStatus;
 }
 
 namespace ferry::daemon {
@@ -55,6 +60,12 @@ class Migration {
   // Cancels running jobs and sessions ("the daemon is shutting down") and
   // waits up to `grace` for them to end.
   void shutdown(std::chrono::milliseconds grace);
+
+  // For the admin interface: the jobs (running and recently finished) and a
+  // cancel by id, as job-list and job-cancel do. cancel_job throws
+  // NOT_FOUND; a finished job is left as it is.
+  std::vector<v1::JobStatus> jobs() const;
+  v1::JobStatus cancel_job(const std::string& id, const std::string& reason);
 
   class Impl;
 

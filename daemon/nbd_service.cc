@@ -584,11 +584,12 @@ std::shared_ptr<rpc::Program> NbdService::program() {
     co_return reply;
   });
   stream::on<Nbd::Connect>(*program, [this, exports](const NbdConnectCall& call, stream::Stream& s,
-                                                     rpc::CallContext&) -> asio::awaitable<NbdConnectReply> {
+                                                     rpc::CallContext& ctx) -> asio::awaitable<NbdConnectReply> {
     // The session ends when the stream does (the client's end, an abort, a
     // CANCEL, the connection's loss); cancelling the handler's own waits
     // instead would leave the NBD server's requests behind.
     co_await asio::this_coro::reset_cancellation_state(asio::disable_cancellation());
+    ctx.set_subject("export " + call.export_name());
     auto e = exports->open_export(call.export_name(), call.read_only());
     nbd::SingleExport source(e);
     const auto ex = co_await asio::this_coro::executor;

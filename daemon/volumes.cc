@@ -610,6 +610,7 @@ std::shared_ptr<rpc::Program> VolumeService::program() {
       throw pool_error(Code::invalid_argument,
                        "an atomic upload replaces the whole volume; it takes no offset (got " +
                            std::to_string(call.offset()) + ")");
+    ctx.set_subject(key);
     auto lock = registry->lock_writer(key, "an upload from " + who(ctx.peer()));
     struct stat st {};
     auto target = co_await io->run([&p, &name, &st] { return open_volume(p, name, O_RDWR, &st); });
@@ -723,6 +724,7 @@ std::shared_ptr<rpc::Program> VolumeService::program() {
     const std::string name = call.volume().name();
     validate_volume_name(name);
     const std::string key = ref_text(p.name, name);
+    ctx.set_subject(key);
     struct stat st {};
     auto file = co_await io->run([&p, &name, &st] { return open_volume(p, name, O_RDONLY, &st); });
     const auto capacity = static_cast<std::uint64_t>(st.st_size);

@@ -81,9 +81,19 @@ struct CallState {
   asio::cancellation_signal signal;    // emitted on `executor` only
   std::atomic<bool> finished{false};
   std::atomic<bool> cancel_requested{false};
+  // The cancel came from the server's administrator (JobCancel), not the
+  // client: the error says so.
+  std::atomic<bool> cancelled_by_admin{false};
   Lane reply_lane = Lane::control;     // set before the handler starts
-  std::mutex mutex;                    // guards on_cancel
+  std::mutex mutex;                    // guards on_cancel and subject
   std::function<void()> on_cancel;
+  std::string subject;                 // what the call works on, for the admin job list
+
+  // The error of a call that was cancelled (by the client or the admin).
+  Error cancelled_error() const {
+    return cancelled_by_admin.load() ? Error(Code::cancelled, "cancelled by the administrator")
+                                     : Error(Code::cancelled, "call cancelled by the client");
+  }
 
   // First answer wins; later ones are dropped (cancel/shutdown races).
   bool finish(FrameStatus status, Buffer body) {
@@ -155,6 +165,12 @@ class CallContext {
   }
   // A handle to push MESSAGEs to this client later, after this call.
   MessageChannel channel() const { return MessageChannel(state_->sink); }
+  // Names what the call works on ("pool/volume"), shown in the admin job
+  // list. Thread-safe.
+  void set_subject(std::string subject) const {
+    std::lock_guard lock(state_->mutex);
+    state_->subject = std::move(subject);
+  }
 
  private:
   std::shared_ptr<detail::CallState> state_;
@@ -210,7 +226,7 @@ class ReplyToken {
     if (!state_) return;
     auto s = std::move(state_);
     if (s->cancel_requested.load())
-      s->finish_error(Error(Code::cancelled, "call cancelled by the client"));
+      s->finish_error(s->cancelled_error());
     else
       s->finish_error(Error(Code::internal, "handler abandoned the call without replying"));
   }
@@ -267,7 +283,7 @@ class Program {
               }
               Error error = Error::from_exception(e);
               if (state->cancel_requested.load())
-                error = Error(Code::cancelled, "call cancelled by the client");
+                error = state->cancelled_error();
               else if (error.code() == Code::internal)
                 detail::log_handler_exception(*state, error);
               state->finish_error(error);

@@ -65,6 +65,14 @@ namespace {
 constexpr auto use_tuple = asio::experimental::as_tuple(asio::use_awaitable);
 using Control = ferry::v1::Control;
 using Clock = std::chrono::steady_clock;
+constexpr auto relaxed = std::memory_order_relaxed;
+// Admin connections at once; they are outside max_clients.
+constexpr std::size_t max_admin_clients = 32;
+
+std::int64_t wall_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
 
 std::string ms_text(std::chrono::milliseconds ms) {
   if (ms.count() % 1000 == 0) return std::to_string(ms.count() / 1000) + " s";
@@ -102,7 +110,31 @@ class Server::Impl {
     // handler and writer are queue pushes, not cross-thread wake-ups.
     // Context 0 also runs the acceptors.
     for (unsigned i = 0; i < io_threads_; ++i) contexts_.push_back(std::make_unique<asio::io_context>(1));
+    live_.max_clients = options_.max_clients;
+    live_.max_unauthenticated_clients = options_.max_unauthenticated_clients;
+    live_.max_calls = options_.max_calls;
+    live_.max_streams = options_.max_streams;
+    live_.max_calls_per_client = options_.max_calls_per_client;
+    live_.max_streams_per_client = options_.max_streams_per_client;
+    live_.auth_timeout_ms = options_.auth_timeout.count();
+    live_.idle_timeout_ms = options_.idle_timeout.count();
   }
+
+  // The limits in force; the admin interface changes them while the server
+  // runs, so the call path reads them here (relaxed loads), not in options_.
+  struct LiveLimits {
+    std::atomic<std::size_t> max_clients{0};
+    std::atomic<std::size_t> max_unauthenticated_clients{0};
+    std::atomic<std::size_t> max_calls{0};
+    std::atomic<std::size_t> max_streams{0};
+    std::atomic<std::size_t> max_calls_per_client{0};
+    std::atomic<std::size_t> max_streams_per_client{0};
+    std::atomic<std::int64_t> auth_timeout_ms{0};
+    std::atomic<std::int64_t> idle_timeout_ms{0};
+    std::chrono::milliseconds auth_timeout() const { return std::chrono::milliseconds(auth_timeout_ms.load(relaxed)); }
+    std::chrono::milliseconds idle_timeout() const { return std::chrono::milliseconds(idle_timeout_ms.load(relaxed)); }
+  };
+  LiveLimits live_;
 
   asio::io_context& io() { return *contexts_[0]; }
   asio::io_context& next_context() {
@@ -121,8 +153,10 @@ class Server::Impl {
   asio::thread_pool workers_;
   std::vector<std::thread> threads_;
   std::map<std::uint32_t, std::shared_ptr<Program>> programs_;
+  std::map<std::uint32_t, std::shared_ptr<Program>> admin_programs_;  // served on the admin socket only
 
   std::vector<std::unique_ptr<asio::local::stream_protocol::acceptor>> unix_acceptors_;
+  std::vector<std::unique_ptr<asio::local::stream_protocol::acceptor>> admin_acceptors_;
   struct InetAcceptor {
     std::unique_ptr<asio::ip::tcp::acceptor> acceptor;
     bool tls = false;
@@ -159,6 +193,12 @@ class Server::Impl {
   // sessions before Hello/SASL completed.
   std::atomic<std::size_t> unauthenticated_{0};
   std::atomic<std::size_t> handshakes_{0};
+  std::atomic<std::uint64_t> next_client_id_{1};
+  std::atomic<std::uint64_t> next_job_id_{1};
+  // Bytes of connections that have closed (guarded by mutex_, so that a
+  // closing session moves from the live sum to these at one moment).
+  std::uint64_t closed_bytes_in_ = 0;
+  std::uint64_t closed_bytes_out_ = 0;
 
   std::shared_ptr<TlsContext> tls_context() const {
     std::lock_guard lock(tls_mutex_);
@@ -173,15 +213,18 @@ class Server::Impl {
   bool admit_unauthenticated() {
     std::size_t n = unauthenticated_.load();
     do {
-      if (n >= options_.max_unauthenticated_clients) return false;
+      if (n >= live_.max_unauthenticated_clients.load(relaxed)) return false;
     } while (!unauthenticated_.compare_exchange_weak(n, n + 1));
     return true;
   }
-  void accept_connection(std::unique_ptr<Transport> transport, bool counted_unauthenticated, Clock::time_point accepted);
+  void accept_connection(std::unique_ptr<Transport> transport, bool counted_unauthenticated, Clock::time_point accepted,
+                         bool admin = false);
   asio::awaitable<void> tls_handshake(asio::ip::tcp::socket socket, Clock::time_point accepted);
   void session_closed(const std::shared_ptr<Session>& session);
   template <class Acceptor>
-  asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string name, bool tls);
+  asio::awaitable<void> accept_loop(Acceptor& acceptor, std::string name, bool tls, bool admin = false);
+  std::vector<std::shared_ptr<Session>> session_list() const;
+  std::shared_ptr<Session> find_session(std::uint64_t id) const;
   void begin_shutdown();
   void finish_shutdown();
 };
@@ -195,29 +238,74 @@ class Server::Impl::Session final : public FrameHandler,
  public:
   // The server outlives its sessions: shutdown joins the io threads before
   // the Impl goes away, so a plain pointer suffices and makes no cycle.
-  Session(Impl* server, std::shared_ptr<Connection> connection, bool counted_unauthenticated)
+  Session(Impl* server, std::shared_ptr<Connection> connection, bool counted_unauthenticated, bool admin)
       : connection_(std::move(connection)),
+        id_(server->next_client_id_.fetch_add(1, relaxed)),
+        admin_(admin),
+        connected_ns_(wall_ns()),
         server_(server),
-        auth_(server->auth_for(connection_->peer().transport)),
+        auth_(admin ? AuthMode::none : server->auth_for(connection_->peer().transport)),
         counted_unauthenticated_(counted_unauthenticated),
         auth_timer_(connection_->get_executor()),
-        idle_timer_(connection_->get_executor()) {
+        idle_timer_(connection_->get_executor()),
+        identity_(connection_->peer()) {
     max_frame_.store(server->options_.limits.max_frame, std::memory_order_relaxed);
     touch();
+  }
+
+  std::uint64_t id() const { return id_; }
+  bool admin() const { return admin_; }
+
+  ClientInfo info() const {
+    ClientInfo out;
+    out.id = id_;
+    out.admin = admin_;
+    out.connected_ns = connected_ns_;
+    out.authenticated = authenticated_.load();
+    const auto st = connection_->stats();
+    out.bytes_in = st.bytes_in;
+    out.bytes_out = st.bytes_out;
+    std::lock_guard lock(mutex_);
+    out.peer = identity_;
+    out.client_name = client_name_;
+    out.calls_in_flight = calls_.size();
+    out.streams_in_flight = stream_calls_.size();
+    return out;
+  }
+
+  struct JobRef {
+    std::uint64_t id = 0;
+    std::int64_t started_ns = 0;
+    std::shared_ptr<StreamSink> sink;
+    std::shared_ptr<detail::CallState> state;
+  };
+  // The streams open on this connection (or the one with job id `only`).
+  std::vector<JobRef> jobs(std::uint64_t only = 0) const {
+    std::vector<JobRef> out;
+    std::lock_guard lock(mutex_);
+    for (const auto& [serial, job] : stream_jobs_) {
+      if (only && job.first != only) continue;
+      auto sit = streams_.find(serial);
+      auto cit = calls_.find(serial);
+      if (sit == streams_.end() || cit == calls_.end()) continue;
+      out.push_back(JobRef{job.first, job.second, sit->second, cit->second});
+    }
+    return out;
   }
 
   // Arms the auth and idle timers; `accepted` is when the socket was
   // accepted, so a TLS handshake counts against the auth timeout.
   void start_timers(Clock::time_point accepted) {
     std::weak_ptr<Session> weak = shared_from_this();
-    if (server_->options_.auth_timeout.count() > 0) {
-      auth_timer_.expires_at(accepted + server_->options_.auth_timeout);
+    auth_timeout_ = server_->live_.auth_timeout();
+    if (auth_timeout_.count() > 0) {
+      auth_timer_.expires_at(accepted + auth_timeout_);
       auth_timer_.async_wait([weak](std::error_code ec) {
         if (ec) return;
         if (auto self = weak.lock()) self->auth_timed_out();
       });
     }
-    if (server_->options_.idle_timeout.count() > 0) arm_idle_timer(server_->options_.idle_timeout);
+    if (const auto idle = server_->live_.idle_timeout(); idle.count() > 0) arm_idle_timer(idle);
   }
 
   void on_frame(const Header& header, Buffer body) override {
@@ -254,6 +342,7 @@ class Server::Impl::Session final : public FrameHandler,
       for (auto& [serial, state] : calls_) calls.push_back(state);
       for (auto& [serial, sink] : streams_) streams.push_back(sink);
       streams_.clear();
+      stream_jobs_.clear();
     }
     for (auto& s : streams) s->on_connection_closed(reason);
     if (!calls.empty())
@@ -270,10 +359,10 @@ class Server::Impl::Session final : public FrameHandler,
     {
       std::lock_guard lock(mutex_);
       if (calls_.erase(call.serial) == 0) return;
-      if (stream_calls_.erase(call.serial)) server_->streams_in_flight_.fetch_sub(1, std::memory_order_relaxed);
+      if (stream_calls_.erase(call.serial) && !admin_) server_->streams_in_flight_.fetch_sub(1, std::memory_order_relaxed);
     }
     touch();
-    server_->calls_in_flight_.fetch_sub(1, std::memory_order_relaxed);
+    if (!admin_) server_->calls_in_flight_.fetch_sub(1, std::memory_order_relaxed);
     Header h = call;
     h.type = FrameType::reply;
     h.status = status;
@@ -317,12 +406,16 @@ class Server::Impl::Session final : public FrameHandler,
     {
       std::lock_guard lock(mutex_);
       closed = closed_;
-      if (!closed) streams_[serial] = sink;
+      if (!closed) {
+        streams_[serial] = sink;
+        stream_jobs_[serial] = {server_->next_job_id_.fetch_add(1, relaxed), wall_ns()};
+      }
     }
     if (closed) sink->on_connection_closed(Error(Code::unavailable, "connection closed"));
   }
   void detach_stream(Serial serial) override {
     std::lock_guard lock(mutex_);
+    stream_jobs_.erase(serial);
     if (streams_.erase(serial)) {
       // Frames the peer sent before it learnt the stream ended are dropped
       // quietly; anything for a serial never seen stays a protocol error.
@@ -388,9 +481,23 @@ class Server::Impl::Session final : public FrameHandler,
       reply_error(h, Error(Code::unavailable, "server is shutting down", "rpc", true));
       return;
     }
-    auto pit = server_->programs_.find(h.program);
-    if (pit == server_->programs_.end()) {
-      reply_error(h, Error(Code::unimplemented, "unknown program " + std::to_string(h.program)));
+    const auto& programs = admin_ ? server_->admin_programs_ : server_->programs_;
+    auto pit = programs.find(h.program);
+    if (pit == programs.end()) {
+      if (admin_) {
+        reply_error(h, Error(Code::permission_denied,
+                             "the admin socket serves only the admin program; program " + std::to_string(h.program) +
+                                 " is served on the daemon's ordinary listeners"));
+      } else if (auto ait = server_->admin_programs_.find(h.program); ait != server_->admin_programs_.end()) {
+        spdlog::warn("client {} ({}) called the {} program on an ordinary listener; refused", peer().address,
+                     peer().transport, ait->second->name());
+        reply_error(h, Error(Code::permission_denied,
+                             "program " + ait->second->name() + " (" + std::to_string(h.program) +
+                                 ") is served only on the daemon's admin socket, not on " + peer().transport +
+                                 " listeners"));
+      } else {
+        reply_error(h, Error(Code::unimplemented, "unknown program " + std::to_string(h.program)));
+      }
       return;
     }
     const Program& program = *pit->second;
@@ -422,26 +529,32 @@ class Server::Impl::Session final : public FrameHandler,
         server_->calls_overloaded_.fetch_add(1, std::memory_order_relaxed);
         reply_error(h, Error(Code::resource_exhausted, why, "rpc", true));
       };
-      const ServerOptions& o = server_->options_;
-      if (calls_.size() >= o.max_calls_per_client) {
-        refuse("too many calls in flight on this connection (limit " + std::to_string(o.max_calls_per_client) +
+      // The admin socket is outside the global limits (it must answer when
+      // the server is full) and outside the counters of application work.
+      const LiveLimits& o = server_->live_;
+      const std::size_t max_calls_per_client = o.max_calls_per_client.load(relaxed);
+      if (calls_.size() >= max_calls_per_client) {
+        refuse("too many calls in flight on this connection (limit " + std::to_string(max_calls_per_client) +
                ", max_calls_per_client); retry later");
         return;
       }
-      if (server_->calls_in_flight_.load(std::memory_order_relaxed) >= o.max_calls) {
-        refuse("overloaded: " + std::to_string(o.max_calls) +
+      const std::size_t max_calls = o.max_calls.load(relaxed);
+      if (!admin_ && server_->calls_in_flight_.load(std::memory_order_relaxed) >= max_calls) {
+        refuse("overloaded: " + std::to_string(max_calls) +
                " calls in flight across all clients (max_calls); retry later");
         return;
       }
       if (entry->opens_stream) {
-        if (stream_calls_.size() >= o.max_streams_per_client) {
-          refuse("too many streams open on this connection (limit " + std::to_string(o.max_streams_per_client) +
+        const std::size_t max_streams_per_client = o.max_streams_per_client.load(relaxed);
+        if (stream_calls_.size() >= max_streams_per_client) {
+          refuse("too many streams open on this connection (limit " + std::to_string(max_streams_per_client) +
                  ", max_streams_per_client); finish one and retry");
           return;
         }
-        if (server_->streams_in_flight_.fetch_add(1, std::memory_order_relaxed) >= o.max_streams) {
+        const std::size_t max_streams = o.max_streams.load(relaxed);
+        if (!admin_ && server_->streams_in_flight_.fetch_add(1, std::memory_order_relaxed) >= max_streams) {
           server_->streams_in_flight_.fetch_sub(1, std::memory_order_relaxed);
-          refuse("overloaded: " + std::to_string(o.max_streams) +
+          refuse("overloaded: " + std::to_string(max_streams) +
                  " streams open across all clients (max_streams); retry later");
           return;
         }
@@ -449,8 +562,10 @@ class Server::Impl::Session final : public FrameHandler,
       }
       calls_.emplace(h.serial, state);
     }
-    server_->calls_in_flight_.fetch_add(1, std::memory_order_relaxed);
-    server_->calls_total_.fetch_add(1, std::memory_order_relaxed);
+    if (!admin_) {
+      server_->calls_in_flight_.fetch_add(1, std::memory_order_relaxed);
+      server_->calls_total_.fetch_add(1, std::memory_order_relaxed);
+    }
     // Handlers run on the connection's own io thread (or, if they may
     // block, on a strand of the worker pool), never on a thread of their own.
     asio::any_io_executor ex = entry->may_block ? asio::any_io_executor(asio::make_strand(server_->workers_))
@@ -525,7 +640,10 @@ class Server::Impl::Session final : public FrameHandler,
           return;
         }
         const auto& reply = accepted.reply;
-        client_name_ = accepted.client_name;
+        {
+          std::lock_guard lock(mutex_);
+          client_name_ = accepted.client_name;
+        }
         connection_->set_limits(accepted.limits);
         max_frame_.store(accepted.limits.max_frame, std::memory_order_relaxed);
         {
@@ -674,6 +792,12 @@ class Server::Impl::Session final : public FrameHandler,
     connection_->send(r, serialize(reply));
     if (result->complete) {
       connection_->set_peer_auth(result->user, sasl_->mechanism(), layer ? result->ssf : 0);
+      {
+        std::lock_guard lock(mutex_);
+        identity_.user = result->user;
+        identity_.mechanism = sasl_->mechanism();
+        identity_.ssf = layer ? result->ssf : 0;
+      }
       if (layer) connection_->secure_writes(layer);
       spdlog::info("client {} authenticated as '{}' with {}{}", peer().address, result->user, sasl_->mechanism(),
                    layer ? " (security layer, SSF " + std::to_string(result->ssf) + ")" : std::string());
@@ -697,9 +821,9 @@ class Server::Impl::Session final : public FrameHandler,
     server_->auth_failures_.fetch_add(1, std::memory_order_relaxed);
     const std::string what = auth_ == AuthMode::sasl ? "authentication" : "Hello";
     spdlog::warn("client {} ({}): {} not completed within {} (auth_timeout); closing", peer().address,
-                 peer().transport, what, ms_text(server_->options_.auth_timeout));
+                 peer().transport, what, ms_text(auth_timeout_));
     refuse(Code::unauthenticated,
-           what + " not completed within " + ms_text(server_->options_.auth_timeout) + " (auth_timeout)");
+           what + " not completed within " + ms_text(auth_timeout_) + " (auth_timeout)");
   }
 
   void touch() {
@@ -716,7 +840,8 @@ class Server::Impl::Session final : public FrameHandler,
   }
 
   void check_idle() {
-    const auto timeout = server_->options_.idle_timeout;
+    const auto timeout = server_->live_.idle_timeout();
+    if (timeout.count() <= 0) return;  // switched off at run time
     bool busy;
     {
       std::lock_guard lock(mutex_);
@@ -732,9 +857,13 @@ class Server::Impl::Session final : public FrameHandler,
     goodbye(Code::unavailable, "idle for " + ms_text(timeout) + " with nothing in flight (idle_timeout); reconnect when needed");
   }
 
+  const std::uint64_t id_;
+  const bool admin_;
+  const std::int64_t connected_ns_;
   Impl* server_;
   AuthMode auth_;
-  bool authenticated_ = false;  // strand only
+  std::atomic<bool> authenticated_{false};  // written on the strand only
+  std::chrono::milliseconds auth_timeout_{0};
   std::atomic<bool> counted_unauthenticated_;
   std::unique_ptr<SaslServer> sasl_;  // strand, or the worker running a step while reads are held
   unsigned auth_failures_ = 0;
@@ -751,12 +880,15 @@ class Server::Impl::Session final : public FrameHandler,
   bool hello_done_ = false;  // strand only
   std::atomic<bool> refused_{false};
   std::atomic<std::uint32_t> max_frame_{FrameLimits{}.max_frame};
-  std::string client_name_;
+  std::string client_name_;  // guarded by mutex_
+  PeerIdentity identity_;    // guarded by mutex_: the peer as accepted, then who SASL said it is
+  // Open streams as admin jobs: serial -> (job id, started).
+  std::unordered_map<Serial, std::pair<std::uint64_t, std::int64_t>> stream_jobs_;  // guarded by mutex_
 };
 
 void Server::Impl::accept_connection(std::unique_ptr<Transport> transport, bool counted_unauthenticated,
-                                     Clock::time_point accepted) {
-  if (options_.fault.any()) transport = std::make_unique<FaultTransport>(std::move(transport), options_.fault);
+                                     Clock::time_point accepted, bool admin) {
+  if (options_.fault.any() && !admin) transport = std::make_unique<FaultTransport>(std::move(transport), options_.fault);
   ConnectionOptions copts;
   copts.limits = options_.limits;
   copts.keepalive_interval = options_.keepalive_interval;
@@ -765,28 +897,43 @@ void Server::Impl::accept_connection(std::unique_ptr<Transport> transport, bool 
   copts.pool = pool_;
   auto connection = std::make_shared<Connection>(std::move(transport), copts);
   const PeerIdentity& peer = connection->peer();
-  if (!counted_unauthenticated) counted_unauthenticated = admit_unauthenticated();
-  auto session = std::make_shared<Session>(this, connection, counted_unauthenticated);
+  // Admin connections are outside max_clients and the unauthenticated
+  // count: the administrator gets in when the server is full.
+  if (!counted_unauthenticated && !admin) counted_unauthenticated = admit_unauthenticated();
+  auto session = std::make_shared<Session>(this, connection, counted_unauthenticated, admin);
   // Why this client is turned away, if it is: said in a Goodbye, then closed.
   std::optional<std::pair<Code, std::string>> refusal;
-  std::size_t count = 0;
   {
     std::lock_guard lock(mutex_);
-    count = sessions_.size();
+    std::size_t count = 0, admins = 0;
+    for (const auto& s : sessions_) (s->admin() ? admins : count)++;
+    const std::size_t max_clients = live_.max_clients.load(relaxed);
     if (shutting_down_.load()) {
       refusal.emplace(Code::unavailable, "server is shutting down");
-    } else if (count >= options_.max_clients) {
+    } else if (admin) {
+      if (admins >= max_admin_clients)
+        refusal.emplace(Code::resource_exhausted, "too many admin connections (" + std::to_string(max_admin_clients) +
+                                                      "); try again later");
+      else
+        sessions_.insert(session);
+    } else if (count >= max_clients) {
       refusal.emplace(Code::resource_exhausted,
-                      "too many clients (max_clients " + std::to_string(options_.max_clients) + "); try again later");
+                      "too many clients (max_clients " + std::to_string(max_clients) + "); try again later");
     } else if (!counted_unauthenticated) {
       refusal.emplace(Code::resource_exhausted,
                       "too many connections still authenticating (max_unauthenticated_clients " +
-                          std::to_string(options_.max_unauthenticated_clients) + "); try again later");
+                          std::to_string(live_.max_unauthenticated_clients.load(relaxed)) + "); try again later");
     } else {
       sessions_.insert(session);
     }
   }
-  if (!refusal && peer.transport == "unix" && !unix_allowed_uids_.empty() &&
+  if (!refusal && admin && (!peer.uid || (*peer.uid != 0 && *peer.uid != static_cast<int>(::geteuid())))) {
+    refusal.emplace(Code::permission_denied,
+                    "uid " + (peer.uid ? std::to_string(*peer.uid) : std::string("?")) +
+                        " may not use the admin socket (only root and uid " + std::to_string(::geteuid()) +
+                        ", the daemon's own, may)");
+  }
+  if (!refusal && !admin && peer.transport == "unix" && !unix_allowed_uids_.empty() &&
       (!peer.uid || std::find(unix_allowed_uids_.begin(), unix_allowed_uids_.end(), *peer.uid) ==
                         unix_allowed_uids_.end())) {
     refusal.emplace(Code::permission_denied, "uid " + (peer.uid ? std::to_string(*peer.uid) : std::string("?")) +
@@ -813,7 +960,8 @@ void Server::Impl::accept_connection(std::unique_ptr<Transport> transport, bool 
     connection->start(session);
     return;
   }
-  spdlog::debug("client {} connected over {}", peer.address, peer.transport);
+  spdlog::debug("client {} (id {}) connected over {}{}", peer.address, session->id(), peer.transport,
+                admin ? " (admin socket)" : "");
   connection->start(session);
   asio::dispatch(connection->get_executor(), [session, accepted] { session->start_timers(accepted); });
 }
@@ -828,7 +976,7 @@ asio::awaitable<void> Server::Impl::tls_handshake(asio::ip::tcp::socket socket, 
   }
   std::unique_ptr<Transport> transport;
   try {
-    transport = co_await TlsTransport::accept(std::move(socket), tls_context(), options_.auth_timeout);
+    transport = co_await TlsTransport::accept(std::move(socket), tls_context(), live_.auth_timeout());
   } catch (const Error& e) {
     auth_failures_.fetch_add(1, std::memory_order_relaxed);
     handshakes_.fetch_sub(1);
@@ -841,13 +989,16 @@ asio::awaitable<void> Server::Impl::tls_handshake(asio::ip::tcp::socket socket, 
 }
 
 void Server::Impl::session_closed(const std::shared_ptr<Session>& session) {
+  const auto st = session->connection_->stats();
   std::lock_guard lock(mutex_);
+  closed_bytes_in_ += st.bytes_in;
+  closed_bytes_out_ += st.bytes_out;
   sessions_.erase(session);
   cv_.notify_all();
 }
 
 template <class Acceptor>
-asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string name, bool tls) {
+asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string name, bool tls, bool admin) {
   while (!shutting_down_.load()) {
     auto [ec, socket] = co_await acceptor.async_accept(next_context(), use_tuple);
     if (ec == asio::error::operation_aborted || shutting_down_.load()) break;
@@ -861,7 +1012,8 @@ asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string 
     const auto accepted = Clock::now();
     using Protocol = typename std::decay_t<decltype(socket)>::protocol_type;
     if constexpr (std::is_same_v<Protocol, asio::local::stream_protocol>) {
-      accept_connection(std::make_unique<UnixTransport>(UnixTransport::Socket(std::move(socket))), false, accepted);
+      accept_connection(std::make_unique<UnixTransport>(UnixTransport::Socket(std::move(socket))), false, accepted,
+                        admin);
     } else if (!tls) {
       accept_connection(std::make_unique<TcpTransport>(TcpTransport::Socket(std::move(socket))), false, accepted);
     } else {
@@ -874,7 +1026,7 @@ asio::awaitable<void> Server::Impl::accept_loop(Acceptor& acceptor, std::string 
         std::error_code rec;
         auto ep = socket.remote_endpoint(rec);
         spdlog::warn("refusing TLS client {}: max_unauthenticated_clients ({}) reached",
-                     rec ? std::string("?") : ep.address().to_string(), options_.max_unauthenticated_clients);
+                     rec ? std::string("?") : ep.address().to_string(), live_.max_unauthenticated_clients.load(relaxed));
         socket.close(rec);
         continue;
       }
@@ -890,6 +1042,7 @@ void Server::Impl::begin_shutdown() {
   asio::post(io(), [this] {
     std::error_code ec;
     for (auto& a : unix_acceptors_) a->close(ec);
+    for (auto& a : admin_acceptors_) a->close(ec);
     for (auto& a : tcp_acceptors_) a.acceptor->close(ec);
   });
 }
@@ -899,6 +1052,28 @@ Server::Server(ServerOptions options) : impl_(std::make_shared<Impl>(std::move(o
 Server::~Server() { shutdown(std::chrono::milliseconds(0)); }
 
 void Server::add_program(std::shared_ptr<Program> program) { impl_->programs_[program->id()] = std::move(program); }
+void Server::add_admin_program(std::shared_ptr<Program> program) {
+  impl_->admin_programs_[program->id()] = std::move(program);
+}
+
+Endpoint Server::listen_admin(const std::string& path) {
+  prepare_unix_listen_path(path);
+  auto acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(impl_->io());
+  std::error_code ec;
+  acceptor->open(asio::local::stream_protocol(), ec);
+  // Created 0600 from the start (no window in which another user may
+  // connect), then chmod in case the umask was stricter.
+  const mode_t old_mask = ::umask(0177);
+  if (!ec) acceptor->bind(asio::local::stream_protocol::endpoint(path), ec);
+  ::umask(old_mask);
+  if (!ec && ::chmod(path.c_str(), 0600) != 0) ec = std::error_code(errno, std::generic_category());
+  if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
+  if (ec) throw Error(Code::unavailable, "cannot listen on the admin socket " + path + ": " + ec.message());
+  impl_->admin_acceptors_.push_back(std::move(acceptor));
+  impl_->unix_paths_.push_back(path);
+  spdlog::info("admin socket {} (mode 0600, uid 0 and {} only)", path, ::geteuid());
+  return Endpoint::unix_socket(path);
+}
 
 Endpoint Server::listen(const Endpoint& endpoint) {
   if (endpoint.is_grpc()) {
@@ -995,6 +1170,8 @@ void Server::start() {
   }
   for (auto& a : impl.unix_acceptors_)
     asio::co_spawn(impl.io(), impl.accept_loop(*a, "unix", false), asio::detached);
+  for (auto& a : impl.admin_acceptors_)
+    asio::co_spawn(impl.io(), impl.accept_loop(*a, "admin", false, true), asio::detached);
   for (auto& a : impl.tcp_acceptors_)
     asio::co_spawn(impl.io(), impl.accept_loop(*a.acceptor, a.tls ? "tls" : "tcp", a.tls), asio::detached);
   for (unsigned i = 0; i < impl.io_threads_; ++i) {
@@ -1094,8 +1271,23 @@ ServerStats Server::stats() const {
   ServerStats s;
   {
     std::lock_guard lock(impl_->mutex_);
-    s.clients = impl_->sessions_.size();
+    s.bytes_in = impl_->closed_bytes_in_;
+    s.bytes_out = impl_->closed_bytes_out_;
+    for (const auto& session : impl_->sessions_) {
+      const auto st = session->connection_->stats();
+      s.bytes_in += st.bytes_in;
+      s.bytes_out += st.bytes_out;
+      if (session->admin()) {
+        ++s.admin_clients;
+        continue;
+      }
+      ++s.clients;
+      ++s.clients_by_transport[session->connection_->peer().transport];
+    }
   }
+  s.clients_total = impl_->next_client_id_.load() - 1;
+  s.io_threads = impl_->io_threads_;
+  s.worker_threads = std::max(1u, impl_->options_.worker_threads);
   s.calls_in_flight = impl_->calls_in_flight_.load();
   s.streams_in_flight = impl_->streams_in_flight_.load();
   s.calls_overloaded = impl_->calls_overloaded_.load();
@@ -1112,5 +1304,115 @@ ServerStats Server::stats() const {
 asio::io_context& Server::io_context() { return impl_->io(); }
 asio::io_context& Server::next_io_context() { return impl_->next_context(); }
 std::shared_ptr<BufferPool> Server::buffer_pool() { return impl_->pool_; }
+
+}  // namespace ferry::rpc
+
+namespace ferry::rpc {
+
+std::vector<std::shared_ptr<Server::Impl::Session>> Server::Impl::session_list() const {
+  std::lock_guard lock(mutex_);
+  return {sessions_.begin(), sessions_.end()};
+}
+
+std::shared_ptr<Server::Impl::Session> Server::Impl::find_session(std::uint64_t id) const {
+  std::lock_guard lock(mutex_);
+  for (const auto& s : sessions_)
+    if (s->id() == id) return s;
+  return nullptr;
+}
+
+ServerLimits Server::limits() const {
+  const auto& l = impl_->live_;
+  ServerLimits out;
+  out.max_clients = l.max_clients.load();
+  out.max_unauthenticated_clients = l.max_unauthenticated_clients.load();
+  out.max_calls = l.max_calls.load();
+  out.max_streams = l.max_streams.load();
+  out.max_calls_per_client = l.max_calls_per_client.load();
+  out.max_streams_per_client = l.max_streams_per_client.load();
+  out.auth_timeout = l.auth_timeout();
+  out.idle_timeout = l.idle_timeout();
+  return out;
+}
+
+void Server::set_limits(const ServerLimits& limits) {
+  auto need = [](std::size_t v, const char* name) {
+    if (v == 0) throw Error(Code::invalid_argument, std::string(name) + " must be at least 1");
+  };
+  need(limits.max_clients, "max_clients");
+  need(limits.max_unauthenticated_clients, "max_unauthenticated_clients");
+  need(limits.max_calls, "max_calls");
+  need(limits.max_streams, "max_streams");
+  need(limits.max_calls_per_client, "max_calls_per_client");
+  need(limits.max_streams_per_client, "max_streams_per_client");
+  if (limits.auth_timeout.count() < 0 || limits.idle_timeout.count() < 0)
+    throw Error(Code::invalid_argument, "timeouts may not be negative");
+  auto& l = impl_->live_;
+  l.max_clients = limits.max_clients;
+  l.max_unauthenticated_clients = limits.max_unauthenticated_clients;
+  l.max_calls = limits.max_calls;
+  l.max_streams = limits.max_streams;
+  l.max_calls_per_client = limits.max_calls_per_client;
+  l.max_streams_per_client = limits.max_streams_per_client;
+  l.auth_timeout_ms = limits.auth_timeout.count();
+  l.idle_timeout_ms = limits.idle_timeout.count();
+}
+
+std::vector<ClientInfo> Server::clients() const {
+  std::vector<ClientInfo> out;
+  for (const auto& s : impl_->session_list()) out.push_back(s->info());
+  std::sort(out.begin(), out.end(), [](const ClientInfo& a, const ClientInfo& b) { return a.id < b.id; });
+  return out;
+}
+
+std::optional<ClientInfo> Server::client(std::uint64_t id) const {
+  if (auto s = impl_->find_session(id)) return s->info();
+  return std::nullopt;
+}
+
+bool Server::disconnect(std::uint64_t id, const std::string& reason) {
+  auto s = impl_->find_session(id);
+  if (!s) return false;
+  spdlog::info("client {} (id {}, {}) disconnected by the administrator: {}", s->peer().address, id,
+               s->peer().transport, reason);
+  s->goodbye(Code::aborted, reason);
+  return true;
+}
+
+std::vector<StreamJob> Server::stream_jobs() const {
+  std::vector<StreamJob> out;
+  for (const auto& s : impl_->session_list()) {
+    for (const auto& j : s->jobs()) {
+      StreamJob job;
+      job.id = j.id;
+      job.client_id = s->id();
+      job.started_ns = j.started_ns;
+      job.procedure = j.state->procedure_name;
+      {
+        std::lock_guard lock(j.state->mutex);
+        job.subject = j.state->subject;
+      }
+      job.bytes = j.sink->bytes_transferred();
+      out.push_back(std::move(job));
+    }
+  }
+  std::sort(out.begin(), out.end(), [](const StreamJob& a, const StreamJob& b) { return a.id < b.id; });
+  return out;
+}
+
+bool Server::cancel_stream_job(std::uint64_t id, const Error& error) {
+  for (const auto& s : impl_->session_list()) {
+    auto jobs = s->jobs(id);
+    if (jobs.empty()) continue;
+    auto& j = jobs.front();
+    spdlog::info("job {} ({} from {}, client id {}) ends: {}", id, j.state->procedure_name,
+                 s->peer().address, s->id(), error.message());
+    j.state->cancelled_by_admin.store(true);
+    j.sink->abort_by_server(error);
+    detail::request_cancel(j.state);
+    return true;
+  }
+  return false;
+}
 
 }  // namespace ferry::rpc

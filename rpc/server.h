@@ -15,7 +15,9 @@
 
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -90,6 +92,57 @@ struct ServerStats {
   std::size_t clients_unauthenticated = 0;
   std::uint64_t auth_failures = 0;          // TLS handshakes and SASL exchanges that failed, auth timeouts
   std::uint64_t buffer_bytes_in_use = 0;  // pooled frame buffers held anywhere in the server
+  // Connections listed now by transport ("unix", "tcp", "tls", "grpc",
+  // "grpcs"; "admin" for the admin socket, which `clients` leaves out).
+  std::map<std::string, std::size_t> clients_by_transport;
+  std::size_t admin_clients = 0;
+  std::uint64_t clients_total = 0;  // accepted since start (refused ones included)
+  // Bytes read and written on every connection since start, the admin
+  // socket's included.
+  std::uint64_t bytes_in = 0;
+  std::uint64_t bytes_out = 0;
+  unsigned io_threads = 0;
+  unsigned worker_threads = 0;
+};
+
+// The limits an administrator may change while the server runs
+// (Server::set_limits). New values apply to new work at once: lowering one
+// below what is in use refuses new connections, calls or streams until use
+// falls under it, and never ends what runs.
+struct ServerLimits {
+  std::size_t max_clients = 0;
+  std::size_t max_unauthenticated_clients = 0;
+  std::size_t max_calls = 0;
+  std::size_t max_streams = 0;
+  std::size_t max_calls_per_client = 0;
+  std::size_t max_streams_per_client = 0;
+  std::chrono::milliseconds auth_timeout{0};  // for connections accepted from now on
+  std::chrono::milliseconds idle_timeout{0};  // checked by connections whose idle timer runs; new ones arm it
+};
+
+// One connection, as the admin interface shows it.
+struct ClientInfo {
+  std::uint64_t id = 0;     // assigned at accept, never reused while the server runs
+  bool admin = false;       // on the admin socket
+  PeerIdentity peer;        // transport, address, uid/pid (unix), TLS subject, SASL user and mechanism
+  std::string client_name;  // what it said in Hello
+  bool authenticated = false;
+  std::int64_t connected_ns = 0;  // wall clock, since the epoch
+  std::uint64_t bytes_in = 0;
+  std::uint64_t bytes_out = 0;
+  std::uint64_t calls_in_flight = 0;
+  std::uint64_t streams_in_flight = 0;
+};
+
+// A stream in flight (an upload, a download, an NBD session, a copy
+// extent): what the admin interface lists as a job.
+struct StreamJob {
+  std::uint64_t id = 0;  // assigned when the stream opens
+  std::uint64_t client_id = 0;
+  std::string procedure;  // "Volume.VolUpload"
+  std::string subject;    // what the handler said it works on ("pool/volume")
+  std::uint64_t bytes = 0;  // data bytes sent plus received so far
+  std::int64_t started_ns = 0;
 };
 
 class Server {
@@ -105,6 +158,17 @@ class Server {
   // Binds and listens; returns the bound endpoint (a TCP port of 0 becomes
   // the real one). A stale UNIX socket file is replaced. Throws ferry::Error.
   Endpoint listen(const Endpoint& endpoint);
+
+  // Before start(). A program served only on the admin socket; a call to it
+  // on any other listener is refused with PERMISSION_DENIED.
+  void add_admin_program(std::shared_ptr<Program> program);
+
+  // The admin socket: a UNIX socket of mode 0600 that serves the admin
+  // programs only, to peers whose uid is 0 or the server's own (others get
+  // a PERMISSION_DENIED Goodbye). Not counted against max_clients nor the
+  // call and stream limits, so it answers when the server is full. A live
+  // socket at `path` is never replaced (ALREADY_EXISTS).
+  Endpoint listen_admin(const std::string& path);
 
   // Starts the io and worker threads and begins accepting.
   void start();
@@ -124,6 +188,21 @@ class Server {
   void wait();
 
   ServerStats stats() const;
+
+  // Admin interface (thread-safe; none of it is on the call path).
+  ServerLimits limits() const;
+  void set_limits(const ServerLimits& limits);
+  std::vector<ClientInfo> clients() const;
+  std::optional<ClientInfo> client(std::uint64_t id) const;
+  // Says Goodbye (ABORTED, `reason`) to the client and closes it; its calls
+  // and streams are cancelled and what they held is freed. False if no such
+  // client.
+  bool disconnect(std::uint64_t id, const std::string& reason);
+  std::vector<StreamJob> stream_jobs() const;
+  // Aborts the stream with `error` (the client sees it at once), cancels its
+  // handler and marks the call cancelled by the administrator. False if no
+  // such stream is open.
+  bool cancel_stream_job(std::uint64_t id, const Error& error);
   asio::io_context& io_context();
   // The io threads' contexts in turn, for other services (plain NBD) that
   // spread their connections over the same threads.

@@ -18,6 +18,11 @@ class StreamSink {
   virtual void on_connection_closed(const Error& reason) = 0;
   // Server side: the client sent CANCEL for the opening call.
   virtual void on_call_cancelled() {}
+  // Server side: the server ends the stream (the admin cancelled it); the
+  // peer sees `error` at once.
+  virtual void abort_by_server(const Error& error) { on_connection_closed(error); }
+  // Data bytes sent plus received so far, for the admin job list.
+  virtual std::uint64_t bytes_transferred() const { return 0; }
 };
 
 // What Hello negotiated for streams on a connection.

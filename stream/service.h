@@ -170,7 +170,7 @@ void on(rpc::Program& program, F handler) {
           if (stream->failed_by_peer())
             error = *stream->error();  // the peer's own code and message
           else if (state->cancel_requested.load())
-            error = Error(Code::cancelled, "call cancelled by the client");
+            error = state->cancelled_error();
           else if (error.code() == Code::internal) rpc::detail::log_handler_exception(*state, error);
           stream->abort(error);
           state->sink->detach_stream(serial);

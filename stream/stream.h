@@ -129,6 +129,8 @@ class Stream : public rpc::StreamSink, public std::enable_shared_from_this<Strea
   void on_stream_frame(const rpc::Header& header, rpc::Buffer body) override;
   void on_connection_closed(const Error& reason) override;
   void on_call_cancelled() override;
+  void abort_by_server(const Error& error) override { abort(error); }
+  std::uint64_t bytes_transferred() const override { return bytes_sent() + bytes_received(); }
 
  private:
   friend class Chunk;

@@ -16,6 +16,7 @@
 #include <spdlog/spdlog.h>
 #include <thread>
 
+#include "client/cli/admin.h"
 #include "client/cli/jobs.h"
 #include "client/cli/output.h"
 #include "client/nbd_bridge.h"
@@ -536,6 +537,39 @@ int main(int argc, char** argv) {
   events->add_option("-n,--count", events_count, "stop after this many events (0: never)");
   events->add_option("--timeout", events_timeout, "stop after this many seconds (0: never)");
 
+  // Admin verbs: on the daemon's admin socket, not -c (docs/operations.md).
+  ferry::cli::AdminRequest admin_req;
+  admin_req.socket = ferry::daemon::default_admin_socket_path();
+  auto* admin = app.add_subcommand("admin", "administer the daemon over its admin socket (root or the daemon's uid)");
+  admin->add_option("--admin-socket", admin_req.socket, "the daemon's admin socket ($FERRY_ADMIN_SOCKET)")
+      ->capture_default_str();
+  admin->require_subcommand(1);
+  using AV = ferry::cli::AdminRequest::Verb;
+  std::map<CLI::App*, AV> admin_verbs;
+  admin_verbs[admin->add_subcommand("info", "the daemon's version, uptime, threads, connections, calls, bytes, limits")] =
+      AV::info;
+  auto* admin_clients = admin->add_subcommand("clients", "list connected clients with their identity and traffic");
+  admin_clients->add_flag("--all", admin_req.include_admin, "list admin-socket connections too");
+  admin_verbs[admin_clients] = AV::clients;
+  auto* admin_client = admin->add_subcommand("client", "show one client");
+  admin_client->add_option("id", admin_req.id, "client id (from admin clients)")->required();
+  admin_verbs[admin_client] = AV::client;
+  auto* admin_disconnect = admin->add_subcommand("disconnect", "close a client's connection; what it held is freed");
+  admin_disconnect->add_option("id", admin_req.id, "client id (from admin clients)")->required();
+  admin_disconnect->add_option("--reason", admin_req.reason, "added to what the client is told");
+  admin_verbs[admin_disconnect] = AV::disconnect;
+  auto* admin_limits = admin->add_subcommand("limits", "show the limits, or change them at run time with --set");
+  admin_limits->add_option("--set", admin_req.set, "NAME=VALUE, repeatable (e.g. max_calls=100)");
+  admin_verbs[admin_limits] = AV::limits;
+  auto* admin_log = admin->add_subcommand("log-level", "show the daemon's log level, or set it");
+  admin_log->add_option("level", admin_req.level, "trace, debug, info, warn, error, critical, off");
+  admin_verbs[admin_log] = AV::log_level;
+  admin_verbs[admin->add_subcommand("jobs", "list running jobs: uploads, downloads, NBD sessions, copies")] = AV::jobs;
+  auto* admin_cancel = admin->add_subcommand("cancel", "cancel a running job; its client sees why at once");
+  admin_cancel->add_option("job", admin_req.id, "job id (from admin jobs)")->required();
+  admin_cancel->add_option("--reason", admin_req.reason, "added to what the client is told");
+  admin_verbs[admin_cancel] = AV::cancel;
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -605,6 +639,25 @@ int main(int argc, char** argv) {
       return Exit::usage;
     }
     uri = copy.source.local() ? copy.destination.uri : copy.source.uri;
+  }
+
+  if (*admin) {
+    for (auto& [sub, verb] : admin_verbs)
+      if (*sub) admin_req.verb = verb;
+    admin_req.json = g.json;
+    admin_req.quiet = g.quiet;
+    try {
+      return ferry::cli::run_admin(admin_req, options);
+    } catch (const ferry::Error& e) {
+      if (g.json) {
+        Json j;
+        j.field("error", ferry::to_string(e.code())).field("message", e.message()).field("retryable", e.retryable());
+        std::fprintf(stderr, "%s\n", j.str().c_str());
+      } else {
+        std::fprintf(stderr, "ferry: %s\n", e.describe().c_str());
+      }
+      return exit_code_for(e.code());
+    }
   }
 
   g_interrupts.start();
