@@ -141,6 +141,7 @@ class ClientCore final : public std::enable_shared_from_this<ClientCore> {
     pending.version = version;
     pending.procedure = procedure;
     pending.info = info;
+    pending.opens_stream = make_stream != nullptr;
     Serial serial;
     std::optional<Error> refused;
     std::shared_ptr<Connection> connection;
@@ -421,13 +422,15 @@ class ClientCore final : public std::enable_shared_from_this<ClientCore> {
             continue;
           }
           std::optional<Error> error;
-          if (auto s = streams_.find(serial); s != streams_.end()) {
+          if (p.opens_stream) {
             error = Error(Code::unavailable,
                           "connection to " + where + " lost during the " + name_of(p) + " stream (" + why.message() +
                               "); streams are not sent again",
                           std::string(kReconnectDomain));
-            settle.streams.emplace_back(s->second, *error);
-            streams_.erase(s);
+            if (auto s = streams_.find(serial); s != streams_.end()) {
+              settle.streams.emplace_back(s->second, *error);
+              streams_.erase(s);
+            }
             ++stats_.streams_failed;
             ++event.streams_failed;
           } else if (p.cancel_sent) {
@@ -468,13 +471,18 @@ class ClientCore final : public std::enable_shared_from_this<ClientCore> {
         take_all_locked(*closed_reason_, settle);
       }
     }
-    settle.run();
-    if (start_loop) {
+    if (!start_loop) {
+      settle.run();
+      return;
+    }
+    {
       spdlog::warn("client: connection to {} lost ({}); reconnecting ({} calls to send again, {} failed as not "
                    "idempotent, {} streams failed)",
                    endpoint_.to_string(), why.message(), event.replaying, event.failed_not_idempotent,
                    event.streams_failed);
+      // Reported before the calls fail (as for gave_up).
       notify(event);
+      settle.run();
       asio::co_spawn(loop_, reconnect_loop(shared_from_this()), asio::detached);
     }
   }
@@ -604,6 +612,7 @@ class ClientCore final : public std::enable_shared_from_this<ClientCore> {
     ProcedureInfo info;
     std::uint64_t generation = 0;  // the connection it went out on; 0: waiting for one
     bool replay = false;           // in flight on a lost connection, to be sent again
+    bool opens_stream = false;     // never sent again: its data is not kept
     Buffer body;                   // while waiting; after sending, only if it may be sent again
   };
 
@@ -956,14 +965,16 @@ void ClientCore::give_up(unsigned attempt, const Error& last, std::chrono::milli
     ++stats_.gave_up;
     take_all_locked(reason, settle);
   }
-  settle.run();
   spdlog::error("client: {}", reason.message());
+  // Reported before the calls fail, so a caller that sees its call fail
+  // finds the event already delivered.
   ReconnectEvent event;
   event.kind = ReconnectEvent::Kind::gave_up;
   event.attempt = attempt;
   event.elapsed = elapsed;
   event.error = last;
   notify(event);
+  settle.run();
 }
 
 }  // namespace detail
