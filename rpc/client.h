@@ -16,6 +16,11 @@
 // CANCELLED once its handler has let go). A timeout ends the call at once
 // with DEADLINE_EXCEEDED and still tells the server to stop.
 //
+// Reconnecting (ClientOptions::reconnect, off by default): after a lost
+// connection the client connects again with backoff, sends again the calls
+// in flight whose procedure is idempotent, fails the others and the streams
+// with UNAVAILABLE, and holds calls made meanwhile until it is back.
+//
 // Threading: replies are read on the connection's strand; a coroutine
 // resumes on its own executor; callbacks without an associated executor and
 // futures complete on an io thread, so they must not block. Nothing holds a
