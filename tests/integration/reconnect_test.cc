@@ -23,6 +23,7 @@
 #include "tests/error_of.h"
 #include "tests/integration/ferryd_process.h"
 #include "tests/integration/test_files.h"
+#include "tests/material/sasl_users.h"
 
 namespace ferry::testing {
 namespace {
@@ -48,7 +49,8 @@ std::uint16_t free_tcp_port() {
 // TLS port and pool.
 class RestartableDaemon {
  public:
-  RestartableDaemon() : socket_(state_.path() + "/d.sock"), tls_port_(free_tcp_port()) {
+  explicit RestartableDaemon(const std::vector<std::string>& extra = {})
+      : socket_(state_.path() + "/d.sock"), tls_port_(free_tcp_port()) {
     const auto& m = test_tls_material();
     args_ = {"--pool",   "default=" + state_.path() + "/pool",
              "--listen", "unix:" + socket_,
@@ -56,6 +58,7 @@ class RestartableDaemon {
              "--tls-ca", m.ca.cert,
              "--tls-cert", m.server.cert,
              "--tls-key", m.server.key};
+    args_.insert(args_.end(), extra.begin(), extra.end());
     start();
   }
   void start() { process_ = std::make_unique<FerrydProcess>(args_); }
@@ -201,6 +204,30 @@ TEST_P(ReconnectTest, IdempotentCallsSurviveADaemonRestart) {
 
 INSTANTIATE_TEST_SUITE_P(Transports, ReconnectTest, ::testing::Values(TransportKind::unix_socket, TransportKind::tls),
                          [](const auto& info) { return std::string(to_string(info.param)); });
+
+// TLS and SASL are done again with the same credentials.
+TEST(Reconnect, AuthenticatesAgainWithSasl) {
+  TempDir users;
+  const std::string sasldb = users.path() + "/sasldb";
+  add_sasl_user(sasldb, "ferry", "ferry", "alice", "alice-secret");
+  RestartableDaemon d({"--auth-tls", "sasl", "--sasl-db", sasldb, "--sasl-realm", "ferry"});
+  Recorder recorder;
+  rpc::ClientOptions o = reconnecting(TransportKind::tls, recorder);
+  o.sasl.username = "alice";
+  o.sasl.password = "alice-secret";
+  o.sasl.realm = "ferry";
+  Session s = Session::connect(d.uri(TransportKind::tls), o);
+  const test::v1::WhoAmICall who;
+  EXPECT_EQ(s.rpc().call_future<TestProgram::WhoAmI>(who).get().user(), "alice");
+  d.kill();
+  d.start();
+  const auto me = s.rpc().call_future<TestProgram::WhoAmI>(who).get();
+  EXPECT_EQ(me.user(), "alice");
+  EXPECT_EQ(me.transport(), "tls");
+  EXPECT_EQ(me.tls_subject(), "CN=client1,O=ferry tests");
+  EXPECT_EQ(s.rpc().server().user, "alice");
+  EXPECT_EQ(s.rpc().reconnect_stats().reconnects, 1u);
+}
 
 // (b): a call that is not idempotent, in flight at the kill, fails with the
 // not-replayed error and has run once; a stream in flight fails too.
