@@ -148,7 +148,11 @@ TEST_P(ReconnectTest, IdempotentCallsSurviveADaemonRestart) {
   const std::string journal = d.path("journal");
 
   auto in_flight = s.rpc().call_future<TestProgram::TallyIdempotent>(tally(journal, 1, 1000));
-  ASSERT_TRUE(eventually([&] { return runs_of(journal, 1) == 1; })) << "the call never reached the daemon";
+  rpc::CallOptions cancellable;
+  cancellable.cancel = std::make_shared<rpc::CancelSource>();
+  auto to_cancel = s.rpc().call_future<TestProgram::TallyIdempotent>(tally(journal, 2, 60000), cancellable);
+  ASSERT_TRUE(eventually([&] { return runs_of(journal, 1) == 1 && runs_of(journal, 2) == 1; }))
+      << "the calls never reached the daemon";
 
   std::atomic<bool> stop{false};
   std::atomic<int> ok{0}, failed{0};
@@ -184,6 +188,11 @@ TEST_P(ReconnectTest, IdempotentCallsSurviveADaemonRestart) {
   EXPECT_EQ(failed.load(), 0) << first_failure;
   EXPECT_GE(ok.load(), 5);
   EXPECT_EQ(runs_of(journal, 1), 2) << "ran before the kill and once more after it, never more";
+  // A replayed call can still be cancelled.
+  ASSERT_TRUE(eventually([&] { return runs_of(journal, 2) == 2; })) << "the second call was not sent again";
+  cancellable.cancel->cancel();
+  const Error cancelled = error_of([&] { to_cancel.get(); });
+  EXPECT_EQ(cancelled.code(), Code::cancelled) << cancelled.describe();
 
   const auto stats = s.rpc().reconnect_stats();
   EXPECT_EQ(stats.connections_lost, 1u);
