@@ -115,6 +115,37 @@ const char* ferry_code_name(int code) { return ferry::to_string(static_cast<ferr
 void ferry_free(void* p) { std::free(p); }
 
 ferry_session* ferry_connect(const char* uri, const ferry_connect_options* o) {
+  return ferry_connect_reconnecting(uri, o, nullptr);
+}
+
+void ferry_reconnect_options_init(ferry_reconnect_options* r) {
+  if (!r) return;
+  const ferry::rpc::ReconnectOptions d;
+  r->enabled = 1;
+  r->initial_backoff_ms = static_cast<uint32_t>(d.initial_backoff.count());
+  r->max_backoff_ms = static_cast<uint32_t>(d.max_backoff.count());
+  r->multiplier = d.multiplier;
+  r->jitter = d.jitter;
+  r->max_attempts = d.max_attempts;
+  r->give_up_after_ms = static_cast<uint32_t>(d.give_up_after.count());
+}
+
+int ferry_get_reconnect_stats(ferry_session* s, ferry_reconnect_stats* out) {
+  if (!s || !out) return invalid("ferry_get_reconnect_stats: NULL argument");
+  return guarded([&] {
+    const auto st = s->session.rpc().reconnect_stats();
+    out->connections_lost = st.connections_lost;
+    out->attempts = st.attempts;
+    out->reconnects = st.reconnects;
+    out->calls_replayed = st.calls_replayed;
+    out->calls_failed_not_idempotent = st.calls_failed_not_idempotent;
+    out->streams_failed = st.streams_failed;
+    out->gave_up = st.gave_up;
+  });
+}
+
+ferry_session* ferry_connect_reconnecting(const char* uri, const ferry_connect_options* o,
+                                          const ferry_reconnect_options* r) {
   if (!uri) {
     invalid("ferry_connect: uri is NULL");
     return nullptr;
@@ -131,6 +162,16 @@ ferry_session* ferry_connect(const char* uri, const ferry_connect_options* o) {
       options.sasl.username = str(o->sasl_user);
       options.sasl.password = str(o->sasl_password);
       if (o->client_name) options.name = o->client_name;
+    }
+    if (r && r->enabled) {
+      auto& p = options.reconnect;
+      p.enabled = true;
+      p.initial_backoff = std::chrono::milliseconds(r->initial_backoff_ms);
+      p.max_backoff = std::chrono::milliseconds(r->max_backoff_ms);
+      p.multiplier = r->multiplier;
+      p.jitter = r->jitter;
+      p.max_attempts = r->max_attempts;
+      p.give_up_after = std::chrono::milliseconds(r->give_up_after_ms);
     }
     out = new ferry_session{ferry::Session::connect(uri, options)};
   });

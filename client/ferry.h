@@ -69,6 +69,41 @@ typedef struct ferry_connect_options {
 ferry_session *ferry_connect(const char *uri, const ferry_connect_options *options);
 void ferry_close(ferry_session *session);
 
+/* Reconnecting after a lost connection (docs/libferry.md, "Reconnecting"):
+ * the session connects again to the same address with the same
+ * credentials, with exponential backoff and jitter. Calls in flight are
+ * sent again only if they are safe to repeat (pool_list, vol_list,
+ * vol_info); others fail with FERRY_UNAVAILABLE. Calls made meanwhile wait.
+ * A download_file cut by the loss resumes where it was; an event
+ * subscription is made again. */
+typedef struct ferry_reconnect_options {
+  int enabled;                 /* 0: off (as with ferry_connect) */
+  uint32_t initial_backoff_ms; /* delay after the first failed attempt */
+  uint32_t max_backoff_ms;
+  double multiplier;           /* backoff growth per attempt */
+  double jitter;               /* each delay is backoff * (1 +- jitter) */
+  uint32_t max_attempts;       /* 0: until give_up_after_ms */
+  uint32_t give_up_after_ms;   /* since the loss; then everything waiting fails */
+} ferry_reconnect_options;
+/* Fills in the defaults, enabled: 100 ms doubling up to 10 s, 20% jitter,
+ * giving up after 60 s. */
+void ferry_reconnect_options_init(ferry_reconnect_options *reconnect);
+/* ferry_connect with a reconnect policy; reconnect may be NULL (off). */
+ferry_session *ferry_connect_reconnecting(const char *uri, const ferry_connect_options *options,
+                                          const ferry_reconnect_options *reconnect);
+
+/* What reconnecting has done so far on a session. */
+typedef struct ferry_reconnect_stats {
+  uint64_t connections_lost;
+  uint64_t attempts;        /* connect attempts, failed and successful */
+  uint64_t reconnects;
+  uint64_t calls_replayed;  /* calls sent again on a new connection */
+  uint64_t calls_failed_not_idempotent;
+  uint64_t streams_failed;
+  uint64_t gave_up;
+} ferry_reconnect_stats;
+int ferry_get_reconnect_stats(ferry_session *s, ferry_reconnect_stats *out);
+
 typedef struct ferry_pool_info {
   char name[256];
   char path[4096];

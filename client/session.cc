@@ -8,6 +8,7 @@
 #include <cstring>
 #include <mutex>
 #include <set>
+#include <spdlog/spdlog.h>
 
 #include "ferry/v1/volume.ferry.h"
 #include "stream/service.h"
@@ -189,10 +190,42 @@ void DownloadStream::abort(const std::string& reason) {
 
 // ---------------------------------------------------------------------------
 
+// The event subscription to make again after a reconnect.
+struct Session::Subscription {
+  std::mutex mutex;
+  rpc::Client* client = nullptr;  // set once connected; cleared by close()
+  bool active = false;
+  std::string pool;
+
+  void renew() {
+    std::lock_guard lock(mutex);
+    if (!client || !active) return;
+    v1::EventSubscribeCall call;
+    call.set_pool(pool);
+    // Asynchronous: this runs on the io thread, which must not block.
+    client->async_call<Volume::EventSubscribe>(call, {}, [](std::exception_ptr error, v1::EventSubscribeReply) {
+      if (error) spdlog::warn("session: subscribing to events again failed: {}", Error::from_exception(error).describe());
+    });
+  }
+};
+
 Session Session::connect(const std::string& uri, rpc::ClientOptions options) {
   Session s;
   s.io_ = std::make_unique<rpc::IoThreads>(1);
-  s.client_ = rpc::Client::connect_sync(s.io_->executor(), uri, std::move(options));
+  s.subscription_ = std::make_shared<Subscription>();
+  s.reconnect_ = options.reconnect.enabled;
+  if (s.reconnect_) {
+    options.reconnect.on_event = [user = std::move(options.reconnect.on_event),
+                                  subscription = s.subscription_](const rpc::ReconnectEvent& e) {
+      if (e.kind == rpc::ReconnectEvent::Kind::reconnected) subscription->renew();
+      if (user) user(e);
+    };
+  }
+  s.client_ = std::make_unique<rpc::Client>(rpc::Client::connect_sync(s.io_->executor(), uri, std::move(options)));
+  {
+    std::lock_guard lock(s.subscription_->mutex);
+    s.subscription_->client = s.client_.get();
+  }
   s.active_ = std::make_shared<Active>();
   return s;
 }
@@ -204,21 +237,27 @@ Session& Session::operator=(Session&& other) noexcept {
     io_ = std::move(other.io_);
     client_ = std::move(other.client_);
     active_ = std::move(other.active_);
+    subscription_ = std::move(other.subscription_);
+    reconnect_ = other.reconnect_;
   }
   return *this;
 }
 Session::~Session() { close(); }
 
-rpc::Client& Session::rpc() { return client_; }
+rpc::Client& Session::rpc() { return *client_; }
 asio::any_io_executor Session::executor() { return io_->executor(); }
 
 void Session::close() {
-  if (client_.is_open()) client_.close();
+  if (client_ && client_->is_open()) client_->close();
   // Let the closed connection's coroutines unwind and its calls complete
   // (their completions still reach client_) before the thread stops; only
   // then drop the client.
   if (io_) io_->finish(std::chrono::seconds(2));
-  client_ = rpc::Client{};
+  if (subscription_) {
+    std::lock_guard lock(subscription_->mutex);
+    subscription_->client = nullptr;
+  }
+  client_.reset();
 }
 
 void Session::abort_transfers(const std::string& reason) {
@@ -226,19 +265,19 @@ void Session::abort_transfers(const std::string& reason) {
 }
 
 std::vector<v1::PoolInfo> Session::pool_list() {
-  auto reply = client_.call_future<Volume::PoolList>(v1::PoolListCall{}).get();
+  auto reply = client_->call_future<Volume::PoolList>(v1::PoolListCall{}).get();
   return {reply.pools().begin(), reply.pools().end()};
 }
 
 std::vector<v1::VolumeInfo> Session::vol_list(const std::string& pool) {
   v1::VolListCall call;
   call.set_pool(pool);
-  auto reply = client_.call_future<Volume::VolList>(call).get();
+  auto reply = client_->call_future<Volume::VolList>(call).get();
   return {reply.volumes().begin(), reply.volumes().end()};
 }
 
 v1::VolumeInfo Session::vol_info(const std::string& pool, const std::string& name) {
-  return client_.call_future<Volume::VolInfo>(ref(pool, name)).get();
+  return client_->call_future<Volume::VolInfo>(ref(pool, name)).get();
 }
 
 v1::VolumeInfo Session::vol_create(const std::string& pool, const std::string& name, std::uint64_t capacity,
@@ -247,11 +286,11 @@ v1::VolumeInfo Session::vol_create(const std::string& pool, const std::string& n
   *call.mutable_volume() = ref(pool, name);
   call.set_capacity(capacity);
   call.set_preallocate(preallocate);
-  return client_.call_future<Volume::VolCreate>(call).get();
+  return client_->call_future<Volume::VolCreate>(call).get();
 }
 
 void Session::vol_delete(const std::string& pool, const std::string& name) {
-  client_.call_future<Volume::VolDelete>(ref(pool, name)).get();
+  client_->call_future<Volume::VolDelete>(ref(pool, name)).get();
 }
 
 v1::VolumeInfo Session::vol_resize(const std::string& pool, const std::string& name, std::uint64_t capacity,
@@ -260,20 +299,20 @@ v1::VolumeInfo Session::vol_resize(const std::string& pool, const std::string& n
   *call.mutable_volume() = ref(pool, name);
   call.set_capacity(capacity);
   call.set_allow_shrink(allow_shrink);
-  return client_.call_future<Volume::VolResize>(call).get();
+  return client_->call_future<Volume::VolResize>(call).get();
 }
 
 UploadStream Session::open_upload(const v1::VolUploadCall& call) {
   auto impl = std::make_unique<UploadStream::Impl>(UploadStream::Impl{
-      stream::open<Volume::VolUpload>(client_, call), nullptr, nullptr});
+      stream::open<Volume::VolUpload>(*client_, call), nullptr, nullptr});
   impl->registration = active_->add(impl->open.stream);
-  if (auto c = client_.connection()) impl->pool = &c->pool();
+  if (auto c = client_->connection()) impl->pool = &c->pool();
   return UploadStream(std::move(impl));
 }
 
 DownloadStream Session::open_download(const v1::VolDownloadCall& call) {
   auto impl = std::make_unique<DownloadStream::Impl>(
-      DownloadStream::Impl{stream::open<Volume::VolDownload>(client_, call), nullptr});
+      DownloadStream::Impl{stream::open<Volume::VolDownload>(*client_, call), nullptr});
   impl->registration = active_->add(impl->open.stream);
   return DownloadStream(std::move(impl));
 }
@@ -317,11 +356,11 @@ TransferResult Session::upload_file(const std::string& pool, const std::string& 
   call.set_atomic(options.atomic);
   call.set_keep_capacity(options.keep_capacity);
   call.set_no_sync(options.no_sync);
-  auto open = stream::open<Volume::VolUpload>(client_, call);
+  auto open = stream::open<Volume::VolUpload>(*client_, call);
   auto registration = active_->add(open.stream);
   auto& s = *open.stream;
-  const std::size_t chunk = client_.stream_limits().chunk_size;
-  auto connection = client_.connection();
+  const std::size_t chunk = client_->stream_limits().chunk_size;
+  auto connection = client_->connection();
   auto get_buffer = [&](std::size_t n) { return connection ? connection->pool().get(n) : rpc::Buffer(n); };
   Throttle throttle(std::move(progress), length.value_or(0));
 
@@ -415,91 +454,125 @@ TransferResult Session::download_file(const std::string& pool, const std::string
   ::fstat(fd, &st);
   const bool seekable = S_ISREG(st.st_mode);
 
-  v1::VolDownloadCall call;
-  *call.mutable_volume() = ref(pool, name);
-  call.set_offset(options.offset);
-  if (options.length) call.set_length(*options.length);
-  call.set_detect_zeros(options.detect_zeros);
-  auto open = stream::open<Volume::VolDownload>(client_, call);
-  auto registration = active_->add(open.stream);
-  auto& s = *open.stream;
   Throttle throttle(std::move(progress), total);
   std::optional<stream::SparseWriter> writer;
   if (seekable && !options.dense) writer.emplace(fd, 0, true);
   std::vector<std::uint8_t> zeros;
   std::uint64_t pos = 0;
-  try {
-    for (;;) {
-      stream::Item item = s.read_sync();
-      if (item.kind == stream::Item::Kind::end) break;
-      if (item.kind == stream::Item::Kind::data) {
-        if (writer)
-          writer->write(item.data.bytes());
-        else if (seekable) {
-          std::size_t done = 0;
-          auto bytes = item.data.bytes();
-          while (done < bytes.size()) {
-            const ssize_t n = ::pwrite(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(pos + done));
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0) throw Error::from_errno(errno, "write " + path);
-            done += static_cast<std::size_t>(n);
-          }
-        } else
-          write_fully(fd, item.data.bytes().data(), item.data.size(), path);
-        throttle.add(item.length, false);
-      } else {
-        if (writer) {
-          writer->write_hole(item.length);
-        } else {
-          if (zeros.empty()) zeros.resize(1u << 20);
-          for (std::uint64_t done = 0; done < item.length;) {
-            const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(zeros.size(), item.length - done));
-            if (seekable) {
-              if (::pwrite(fd, zeros.data(), n, static_cast<off_t>(pos + done)) != static_cast<ssize_t>(n))
-                throw Error::from_errno(errno ? errno : ENOSPC, "write " + path);
-            } else {
-              write_fully(fd, zeros.data(), n, path);
+  std::uint64_t data_bytes = 0, hole_bytes = 0;
+  // With reconnecting, a download cut by a lost connection goes on from
+  // where it was on the new one: VolDownload is idempotent and what has
+  // arrived is on disk, in order.
+  for (;;) {
+    v1::VolDownloadCall call;
+    *call.mutable_volume() = ref(pool, name);
+    call.set_offset(options.offset + pos);
+    if (options.length || pos > 0) call.set_length(total - pos);
+    call.set_detect_zeros(options.detect_zeros);
+    auto open = stream::open<Volume::VolDownload>(*client_, call);
+    auto registration = active_->add(open.stream);
+    auto& s = *open.stream;
+    bool resume = false;
+    std::uint64_t got_data = 0, got_holes = 0;  // what this stream brought
+    try {
+      for (;;) {
+        stream::Item item = s.read_sync();
+        if (item.kind == stream::Item::Kind::end) break;
+        (item.kind == stream::Item::Kind::data ? got_data : got_holes) += item.length;
+        if (item.kind == stream::Item::Kind::data) {
+          if (writer)
+            writer->write(item.data.bytes());
+          else if (seekable) {
+            std::size_t done = 0;
+            auto bytes = item.data.bytes();
+            while (done < bytes.size()) {
+              const ssize_t n = ::pwrite(fd, bytes.data() + done, bytes.size() - done, static_cast<off_t>(pos + done));
+              if (n < 0 && errno == EINTR) continue;
+              if (n < 0) throw Error::from_errno(errno, "write " + path);
+              done += static_cast<std::size_t>(n);
             }
-            done += n;
+          } else
+            write_fully(fd, item.data.bytes().data(), item.data.size(), path);
+          throttle.add(item.length, false);
+        } else {
+          if (writer) {
+            writer->write_hole(item.length);
+          } else {
+            if (zeros.empty()) zeros.resize(1u << 20);
+            for (std::uint64_t done = 0; done < item.length;) {
+              const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(zeros.size(), item.length - done));
+              if (seekable) {
+                if (::pwrite(fd, zeros.data(), n, static_cast<off_t>(pos + done)) != static_cast<ssize_t>(n))
+                  throw Error::from_errno(errno ? errno : ENOSPC, "write " + path);
+              } else {
+                write_fully(fd, zeros.data(), n, path);
+              }
+              done += n;
+            }
           }
+          throttle.add(item.length, true);
         }
-        throttle.add(item.length, true);
+        pos += item.length;
       }
-      pos += item.length;
-    }
-    if (writer) writer->finish(false);
-  } catch (const Error& e) {
-    if (s.failed_by_peer()) {
-      try {
-        open.reply_sync();
-      } catch (const Error& remote) {
-        throw remote;
+      if (writer) writer->finish(false);
+    } catch (const Error& e) {
+      if (s.failed_by_peer()) {
+        try {
+          open.reply_sync();
+        } catch (const Error& remote) {
+          throw remote;
+        }
       }
+      if (!reconnect_ || !rpc::lost_with_reconnect(e)) {
+        s.abort(e);
+        throw;
+      }
+      resume = true;
+      // The daemon's answer for this stream is lost: count what arrived.
+      data_bytes += got_data;
+      hole_bytes += got_holes;
     }
-    s.abort(e);
-    throw;
+    if (resume) {
+      spdlog::info("session: download of {}/{} cut at byte {} of {}: resuming once reconnected", pool, name, pos, total);
+      // Waits for the new connection (VolInfo is idempotent); throws if
+      // reconnecting gives up.
+      vol_info(pool, name);
+      continue;
+    }
+    auto reply = open.reply_sync();
+    data_bytes += reply.data_bytes();
+    hole_bytes += reply.hole_bytes();
+    break;
   }
-  auto reply = open.reply_sync();
   if (pos != total)
     throw Error(Code::data_loss, "the download of " + pool + "/" + name + " ended after " + std::to_string(pos) +
                                      " of " + std::to_string(total) + " bytes",
                 "client");
   Progress p = throttle.finish();
   TransferResult result;
-  result.data_bytes = reply.data_bytes();
-  result.hole_bytes = reply.hole_bytes();
+  result.data_bytes = data_bytes;
+  result.hole_bytes = hole_bytes;
   result.elapsed = p.elapsed;
   result.volume = info;
   return result;
 }
 
 void Session::subscribe(std::function<void(const v1::VolumeEvent&)> on_event, const std::string& pool) {
-  client_.on_message<Volume::Event>([fn = std::move(on_event)](v1::VolumeEvent e) { fn(e); });
+  client_->on_message<Volume::Event>([fn = std::move(on_event)](v1::VolumeEvent e) { fn(e); });
   v1::EventSubscribeCall call;
   call.set_pool(pool);
-  client_.call_future<Volume::EventSubscribe>(call).get();
+  client_->call_future<Volume::EventSubscribe>(call).get();
+  std::lock_guard lock(subscription_->mutex);
+  subscription_->active = true;
+  subscription_->pool = pool;
 }
 
-void Session::unsubscribe() { client_.call_future<Volume::EventUnsubscribe>(v1::EventUnsubscribeCall{}).get(); }
+void Session::unsubscribe() {
+  {
+    std::lock_guard lock(subscription_->mutex);
+    subscription_->active = false;
+  }
+  client_->call_future<Volume::EventUnsubscribe>(v1::EventUnsubscribeCall{}).get();
+}
 
 }  // namespace ferry

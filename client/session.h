@@ -114,6 +114,10 @@ class DownloadStream {
 class Session {
  public:
   // Connects (ferry+unix:///path, ferry+tcp://host:port, ferry+tls://host:port).
+  // With options.reconnect.enabled the session survives a lost connection
+  // (docs/libferry.md, "Reconnecting"): idempotent calls are sent again,
+  // download_file resumes where it was, and an event subscription is made
+  // again on the new connection.
   static Session connect(const std::string& uri, rpc::ClientOptions options = {});
   Session(Session&&) noexcept;
   Session& operator=(Session&&) noexcept;
@@ -153,15 +157,21 @@ class Session {
 
   // Volume events from the daemon (all pools, or one), on the connection's
   // io thread: keep the callback short. Replaces an earlier subscription.
+  // With reconnecting, the subscription is made again after a reconnect;
+  // events of the time without a connection are lost.
   void subscribe(std::function<void(const v1::VolumeEvent&)> on_event, const std::string& pool = "");
   void unsubscribe();
 
  private:
   Session() = default;
   struct Active;
+  struct Subscription;
   std::unique_ptr<rpc::IoThreads> io_;
-  rpc::Client client_;
+  // On the heap so the reconnect hook can reach it however the Session moves.
+  std::unique_ptr<rpc::Client> client_;
   std::shared_ptr<Active> active_;
+  std::shared_ptr<Subscription> subscription_;
+  bool reconnect_ = false;
 };
 
 }  // namespace ferry

@@ -90,6 +90,21 @@ std::shared_ptr<rpc::Program> make_test_program(const rpc::Server& server) {
     co_return reply;
   });
 
+  auto tally = [](const TallyCall& call, rpc::CallContext&) -> asio::awaitable<TallyReply> {
+    {
+      std::ofstream journal(call.journal(), std::ios::app);
+      journal << call.tag() << '\n';
+      if (!journal.flush()) throw Error(Code::internal, "cannot append to " + call.journal(), "test");
+    }
+    asio::steady_timer timer(co_await asio::this_coro::executor, std::chrono::milliseconds(call.ms()));
+    co_await timer.async_wait(asio::use_awaitable);
+    TallyReply reply;
+    reply.set_tag(call.tag());
+    co_return reply;
+  };
+  program->on<Test::Tally>(tally);
+  program->on<Test::TallyIdempotent>(tally);
+
   program->on<Test::WhoAmI>([](const WhoAmICall&, rpc::CallContext& ctx) -> asio::awaitable<WhoAmIReply> {
     const rpc::PeerIdentity& peer = ctx.peer();
     WhoAmIReply reply;

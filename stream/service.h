@@ -105,20 +105,22 @@ ClientStream<typename P::Reply> open(rpc::Client& client, const typename P::Call
   static_assert(P::stream != ::ferry::v1::STREAM_NONE, "open() takes a stream procedure");
   auto shared = std::make_shared<detail::ReplyShared>();
   shared->client = &client;
-  auto connection = client.connection();
-  const auto limits = client.stream_limits();
   rpc::Header base{P::Program::program, P::Program::version, P::number, rpc::FrameType::call, 0,
                    rpc::FrameStatus::ok};
+  // The stream is made on the connection the CALL goes out on (with
+  // reconnecting, the one current at that moment).
   client.start_call(P::Program::program, P::Program::version, P::number, rpc::serialize(call), std::move(options),
                     std::make_unique<detail::ReplySlot>(shared),
-                    [shared, connection, limits, base](rpc::Serial serial) {
+                    [shared, base](rpc::Serial serial, const std::shared_ptr<rpc::Connection>& connection,
+                                   rpc::StreamLimits limits) {
                       rpc::Header h = base;
                       h.serial = serial;
                       auto s = std::make_shared<Stream>(connection, h, limits);
                       std::lock_guard lock(shared->mutex);
                       shared->stream = s;
                       return std::static_pointer_cast<rpc::StreamSink>(s);
-                    });
+                    },
+                    rpc::procedure_info<P>());
   ClientStream<typename P::Reply> out(shared);
   std::lock_guard lock(shared->mutex);
   out.stream = shared->stream;

@@ -411,6 +411,16 @@ int main(int argc, char** argv) {
                  "inject faults into this connection's bytes, e.g. delay=5ms,reset_after=10M "
                  "(for reproducing problems; docs/operations.md)");
 
+  bool reconnect = false;
+  double reconnect_max_wait = 60;
+  app.add_flag("--reconnect", reconnect,
+               "if the connection is lost, connect again and carry on (pool-list, vol-list, vol-info, vol-download, "
+               "events only: their calls are safe to repeat)");
+  app.add_option("--reconnect-max-wait", reconnect_max_wait,
+                 "with --reconnect: seconds to keep trying after a loss before failing")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+
   unsigned ping_count = 5;
   auto* ping = app.add_subcommand("ping", "measure round trips to the daemon");
   ping->add_option("-n,--count", ping_count, "pings to send");
@@ -641,6 +651,24 @@ int main(int argc, char** argv) {
     uri = copy.source.local() ? copy.destination.uri : copy.source.uri;
   }
 
+  if (reconnect) {
+    if (!(*pool_list || *vol_list || *vol_info || *vol_download || *events)) {
+      std::fprintf(stderr, "ferry: --reconnect applies to pool-list, vol-list, vol-info, vol-download and events, "
+                           "whose calls are safe to repeat\n");
+      return Exit::usage;
+    }
+    options.reconnect.enabled = true;
+    options.reconnect.give_up_after =
+        std::chrono::milliseconds(static_cast<std::int64_t>(reconnect_max_wait * 1000));
+    options.reconnect.on_event = [quiet = g.quiet](const ferry::rpc::ReconnectEvent& e) {
+      using Kind = ferry::rpc::ReconnectEvent::Kind;
+      if (quiet) return;
+      if (e.kind == Kind::lost)
+        std::fprintf(stderr, "ferry: connection lost (%s); reconnecting\n", e.error ? e.error->message().c_str() : "");
+      else if (e.kind == Kind::reconnected)
+        std::fprintf(stderr, "ferry: reconnected after %u attempt%s\n", e.attempt, e.attempt == 1 ? "" : "s");
+    };
+  }
   if (*admin) {
     for (auto& [sub, verb] : admin_verbs)
       if (*sub) admin_req.verb = verb;
