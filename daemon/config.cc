@@ -198,6 +198,8 @@ DaemonConfig parse_config(const std::string& text, const std::string& source) {
   limits.integer("max_streams_per_client", s.max_streams_per_client, 1, 1 << 20);
   limits.integer("max_calls", s.max_calls, 1, 1 << 26);
   limits.integer("max_streams", s.max_streams, 1, 1 << 20);
+  limits.integer("max_buffered_bytes_per_client", s.max_buffered_bytes_per_client, 0, std::int64_t{1} << 40);
+  limits.integer("max_buffered_bytes", s.max_buffered_bytes, 0, std::int64_t{1} << 44);
   limits.integer("max_frame", s.limits.max_frame, 64 << 10, rpc::FrameLimits::max_frame_ceiling);
   limits.milliseconds("auth_timeout_ms", s.auth_timeout);
   limits.milliseconds("idle_timeout_ms", s.idle_timeout);
@@ -349,6 +351,8 @@ std::string to_toml(const DaemonConfig& c) {
                                     {"max_streams_per_client", static_cast<std::int64_t>(s.max_streams_per_client)},
                                     {"max_calls", static_cast<std::int64_t>(s.max_calls)},
                                     {"max_streams", static_cast<std::int64_t>(s.max_streams)},
+                                    {"max_buffered_bytes_per_client", static_cast<std::int64_t>(s.max_buffered_bytes_per_client)},
+                                    {"max_buffered_bytes", static_cast<std::int64_t>(s.max_buffered_bytes)},
                                     {"max_frame", static_cast<std::int64_t>(s.limits.max_frame)},
                                     {"auth_timeout_ms", static_cast<std::int64_t>(s.auth_timeout.count())},
                                     {"idle_timeout_ms", static_cast<std::int64_t>(s.idle_timeout.count())}});

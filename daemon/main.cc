@@ -190,6 +190,12 @@ int main(int argc, char** argv) {
   app.add_option("--max-calls", options.max_calls, "calls in flight across all connections")->capture_default_str();
   app.add_option("--max-streams", options.max_streams, "streams open at once across all connections")
       ->capture_default_str();
+  app.add_option("--max-buffered-bytes-per-client", options.max_buffered_bytes_per_client,
+                 "bytes queued for a client that does not read them before its reading stops (0 = no bound)")
+      ->capture_default_str();
+  app.add_option("--max-buffered-bytes", options.max_buffered_bytes,
+                 "frame buffer bytes held across all clients before new calls are refused (0 = no bound)")
+      ->capture_default_str();
   unsigned auth_timeout_ms = static_cast<unsigned>(options.auth_timeout.count());
   unsigned idle_timeout_ms = static_cast<unsigned>(options.idle_timeout.count());
   app.add_option("--auth-timeout", auth_timeout_ms, "ms from accept to the end of TLS + Hello + SASL")

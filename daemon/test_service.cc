@@ -87,6 +87,8 @@ std::shared_ptr<rpc::Program> make_test_program(const rpc::Server& server) {
     reply.set_clients(static_cast<std::uint32_t>(stats.clients));
     reply.set_streams_open(stream::Stream::live_count());
     reply.set_buffer_bytes_in_use(stats.buffer_bytes_in_use);
+    reply.set_read_pauses(stats.read_pauses);
+    reply.set_calls_overloaded(stats.calls_overloaded);
     co_return reply;
   });
 

@@ -41,6 +41,7 @@ Connection::Connection(std::unique_ptr<Transport> transport, ConnectionOptions o
       max_frame_(options.limits.max_frame),
       max_chunk_(options.limits.max_chunk),
       resume_(executor_),
+      drained_(executor_),
       wake_(executor_),
       keepalive_timer_(executor_),
       keepalive_ms_(options.keepalive_interval.count()),
@@ -77,6 +78,7 @@ bool Connection::send(OutFrame frame, Lane lane) {
   {
     std::lock_guard lock(mutex_);
     if (closed_.load(std::memory_order_relaxed)) return false;
+    queued_bytes_.fetch_add(frame.wire_size(), std::memory_order_relaxed);
     if (lane == Lane::control) {
       control_.push_back(std::move(frame));
     } else {
@@ -106,6 +108,9 @@ std::size_t Connection::drop_bulk(Serial serial) {
   auto it = bulk_.find(serial);
   if (it == bulk_.end()) return 0;
   const std::size_t n = it->second.size();
+  std::size_t bytes = 0;
+  for (const auto& f : it->second) bytes += f.wire_size();
+  queued_bytes_.fetch_sub(bytes, std::memory_order_relaxed);
   bulk_frames_ -= n;
   bulk_.erase(it);
   std::erase(bulk_turns_, serial);
@@ -116,6 +121,7 @@ bool Connection::unqueue(Serial serial, FrameType type) {
   std::lock_guard lock(mutex_);
   for (auto it = control_.begin(); it != control_.end(); ++it) {
     if (it->serial == serial && it->type == type) {
+      queued_bytes_.fetch_sub(it->wire_size(), std::memory_order_relaxed);
       control_.erase(it);
       return true;
     }
@@ -160,9 +166,11 @@ void Connection::close_on_strand(Error reason) {
     bulk_.clear();
     bulk_turns_.clear();
     bulk_frames_ = 0;
+    queued_bytes_.store(0, std::memory_order_relaxed);
   }
   transport_->close();
   wake_.cancel();
+  drained_.cancel();
   resume_.cancel();
   keepalive_timer_.cancel();
   if (auto handler = std::move(handler_)) handler->on_close(reason);
@@ -368,6 +376,24 @@ asio::awaitable<void> Connection::run_reader() {
       resume_.expires_at(asio::steady_timer::time_point::max());
       co_await resume_.async_wait(use_tuple);
     }
+    if (options_.max_queued_bytes == 0) continue;
+    // Handlers start once the reader gives the strand up; every few frames
+    // it does, so that what they queue is counted before it reads on.
+    if (++frames_since_yield_ >= 32) {
+      frames_since_yield_ = 0;
+      co_await asio::post(executor_, asio::use_awaitable);
+    }
+    // A peer that does not read what it asked for gets no more read from
+    // it (and so no more replies queued for it) until the queue drains.
+    if (queued_bytes() > options_.max_queued_bytes && !close_handled_) {
+      read_pauses_.fetch_add(1, std::memory_order_relaxed);
+      queue_full_ = true;
+      while (queued_bytes() > options_.max_queued_bytes / 2 && !close_handled_) {
+        drained_.expires_after(std::chrono::milliseconds(100));
+        co_await drained_.async_wait(use_tuple);
+      }
+      queue_full_ = false;
+    }
   }
 }
 
@@ -376,11 +402,24 @@ asio::awaitable<void> Connection::run_reader() {
 bool Connection::take_batch(std::vector<OutFrame>& batch) {
   std::lock_guard lock(mutex_);
   // Control frames are small and never wait behind bulk ones.
-  while (!control_.empty() && batch.size() < 512) {
+  std::size_t taken = 0;
+  const auto done = [&] {
+    queued_bytes_.fetch_sub(taken, std::memory_order_relaxed);
+    // The reader waits for the queue to drain to half its bound.
+    if (queue_full_ && queued_bytes_.load(std::memory_order_relaxed) <= options_.max_queued_bytes / 2)
+      drained_.cancel();
+  };
+  // (Small frames as they come; large replies a batch's worth at a time,
+  // so a batch never holds more than max_batch_bytes beyond its first.)
+  while (!control_.empty() && batch.size() < 512 && (batch.empty() || taken < options_.max_batch_bytes)) {
+    taken += control_.front().wire_size();
     batch.push_back(std::move(control_.front()));
     control_.pop_front();
     // A layer switch ends the batch: what follows is written through it.
-    if (batch.back().then_secure) return true;
+    if (batch.back().then_secure) {
+      done();
+      return true;
+    }
   }
   // Then bulk frames, one per stream in turn.
   std::size_t bulk_bytes = 0;
@@ -390,6 +429,7 @@ bool Connection::take_batch(std::vector<OutFrame>& batch) {
     auto it = bulk_.find(serial);
     auto& queue = it->second;
     bulk_bytes += queue.front().wire_size();
+    taken += queue.front().wire_size();
     batch.push_back(std::move(queue.front()));
     queue.pop_front();
     --bulk_frames_;
@@ -398,6 +438,7 @@ bool Connection::take_batch(std::vector<OutFrame>& batch) {
     else
       bulk_turns_.push_back(serial);
   }
+  done();
   if (batch.empty()) writer_idle_ = true;
   return !batch.empty();
 }
@@ -505,6 +546,16 @@ asio::awaitable<void> Connection::run_keepalive() {
     if (close_handled_) co_return;
     if (ec) continue;  // settings changed
     if (std::chrono::steady_clock::now() - last_rx_ < interval) continue;
+    // While the reader waits for a full queue to drain, the peer's bytes
+    // are not read; the writer getting bytes out is then the sign of life.
+    if (queue_full_) {
+      const std::uint64_t out = bytes_out_.load(std::memory_order_relaxed);
+      if (out != bytes_out_at_probe_) {
+        bytes_out_at_probe_ = out;
+        missed_pings_ = 0;
+        continue;
+      }
+    }
     if (missed_pings_ >= keepalive_count_.load()) {
       auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - last_rx_);
       spdlog::warn("peer {} unreachable: nothing received for {} ms; {} keepalive probes unanswered",

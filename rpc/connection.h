@@ -86,6 +86,10 @@ struct ConnectionOptions {
   std::shared_ptr<BufferPool> pool;         // for large bodies; null: the connection makes its own
   std::size_t read_buffer_size = 64 << 10;
   std::size_t max_batch_bytes = 256 << 10;  // bulk bytes per write
+  // Frames queued for a peer that does not read them: beyond this many
+  // bytes the connection stops reading the peer's frames (so it can queue
+  // no more replies) until the queue is down to half; 0: no bound.
+  std::size_t max_queued_bytes = 0;
 };
 
 struct ConnectionStats {
@@ -149,6 +153,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
   BufferPool& pool() { return *pool_; }
   ConnectionStats stats() const;
   std::size_t queued_frames() const;
+  // Bytes of the frames queued and not yet taken by the writer.
+  std::size_t queued_bytes() const { return queued_bytes_.load(std::memory_order_relaxed); }
+  // Times the reader stopped because max_queued_bytes was reached.
+  std::uint64_t read_pauses() const { return read_pauses_.load(std::memory_order_relaxed); }
 
  private:
   asio::awaitable<void> run_reader();
@@ -192,6 +200,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::uint64_t ping_token_ = 0;
   bool hold_ = false;  // strand only
   asio::steady_timer resume_;
+  bool queue_full_ = false;  // strand only: the reader waits for the writer to drain
+  unsigned frames_since_yield_ = 0;  // strand only
+  asio::steady_timer drained_;
+  std::atomic<std::size_t> queued_bytes_{0};
+  std::atomic<std::uint64_t> read_pauses_{0};
+  std::uint64_t bytes_out_at_probe_ = 0;  // strand only: writer progress seen by keepalive
 
   // Write side.
   mutable std::mutex mutex_;

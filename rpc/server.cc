@@ -544,6 +544,13 @@ class Server::Impl::Session final : public FrameHandler,
                " calls in flight across all clients (max_calls); retry later");
         return;
       }
+      if (const std::size_t max_buffered = server_->options_.max_buffered_bytes; max_buffered != 0 && !admin_) {
+        if (const std::size_t held = server_->pool_->in_use_bytes(); held >= max_buffered) {
+          refuse("overloaded: " + std::to_string(held) + " bytes buffered across all clients (max_buffered_bytes " +
+                 std::to_string(max_buffered) + "); retry later");
+          return;
+        }
+      }
       if (entry->opens_stream) {
         const std::size_t max_streams_per_client = o.max_streams_per_client.load(relaxed);
         if (stream_calls_.size() >= max_streams_per_client) {
@@ -894,6 +901,7 @@ void Server::Impl::accept_connection(std::unique_ptr<Transport> transport, bool 
   copts.keepalive_interval = options_.keepalive_interval;
   copts.keepalive_count = options_.keepalive_count;
   copts.socket_buffer_bytes = options_.socket_buffer_bytes;
+  copts.max_queued_bytes = options_.max_buffered_bytes_per_client;
   copts.pool = pool_;
   auto connection = std::make_shared<Connection>(std::move(transport), copts);
   const PeerIdentity& peer = connection->peer();
@@ -1277,6 +1285,7 @@ ServerStats Server::stats() const {
       const auto st = session->connection_->stats();
       s.bytes_in += st.bytes_in;
       s.bytes_out += st.bytes_out;
+      s.read_pauses += session->connection_->read_pauses();
       if (session->admin()) {
         ++s.admin_clients;
         continue;

@@ -55,6 +55,14 @@ struct ServerOptions {
   // retryable RESOURCE_EXHAUSTED "overloaded" error; nothing queues.
   std::size_t max_calls = 65536;
   std::size_t max_streams = 1024;
+  // Bytes queued for one client that is not reading them (replies, chunks):
+  // beyond this the daemon stops reading that client's frames until the
+  // queue is down to half, so a client that asks and never reads cannot
+  // grow the daemon's memory. 0: no bound.
+  std::size_t max_buffered_bytes_per_client = 64u << 20;
+  // Pooled frame buffers held across all connections: beyond this a new
+  // call is refused with a retryable RESOURCE_EXHAUSTED "overloaded".
+  std::size_t max_buffered_bytes = 1u << 30;
   // From accept to the end of authentication (TLS handshake, Hello, SASL).
   std::chrono::milliseconds auth_timeout{10000};
   // A connection with no call or stream in flight for this long is closed
@@ -84,7 +92,8 @@ struct ServerStats {
   std::size_t clients = 0;
   std::uint64_t calls_in_flight = 0;
   std::uint64_t streams_in_flight = 0;
-  std::uint64_t calls_overloaded = 0;  // refused over max_calls / max_streams (either limit, global or per client)
+  std::uint64_t calls_overloaded = 0;  // refused over max_calls / max_streams / max_buffered_bytes (global or per client)
+  std::uint64_t read_pauses = 0;       // times a client's reading stopped at max_buffered_bytes_per_client
   std::uint64_t calls_total = 0;
   std::uint64_t calls_cancelled = 0;
   std::uint64_t protocol_errors = 0;

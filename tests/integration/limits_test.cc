@@ -7,6 +7,7 @@
 
 #include <poll.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@
 #include "rpc/io_threads.h"
 #include "stream/service.h"
 #include "tests/error_of.h"
+#include "tests/integration/copy_helpers.h"
 #include "tests/integration/ferryd_process.h"
 #include "tests/integration/raw_socket.h"
 
@@ -348,6 +350,94 @@ TEST_F(LimitsTest, UnixAccessRuleRefusesOtherUids) {
   EXPECT_THAT(error.message(), HasSubstr("uid " + std::to_string(::getuid()) + " is not allowed to use this socket"));
   // TCP is not governed by the UNIX rule.
   EXPECT_NO_THROW(connect(server.tcp_uri()));
+}
+
+}  // namespace
+}  // namespace ferry::testing
+
+namespace ferry::testing {
+namespace {
+
+// Sends `count` Echo calls asking for `reply_size` bytes each on `s`, from
+// a thread (the daemon may stop reading, so the sends may block until the
+// socket is shut down).
+std::thread ask_and_never_read(RawSocket& s, int count, std::uint32_t reply_size) {
+  return std::thread([&s, count, reply_size] {
+    test::v1::EchoCall echo;
+    echo.set_reply_size(reply_size);
+    const std::string body = echo.SerializeAsString();
+    try {
+      for (int i = 0; i < count; ++i)
+        s.send_frame({TestSvc::program, TestSvc::version, TestSvc::Echo::number, rpc::FrameType::call,
+                      static_cast<rpc::Serial>(10 + i), rpc::FrameStatus::ok},
+                     body);
+    } catch (const std::exception&) {
+      // The socket was shut down under a blocked send: the test is over.
+    }
+  });
+}
+
+// A client that asks for a gigabyte of replies and reads none: the daemon
+// stops reading it once max_buffered_bytes_per_client is queued, so what it
+// holds stays near that bound, and everyone else is served.
+TEST_F(LimitsTest, AClientThatAsksButNeverReadsCannotGrowTheDaemonsMemory) {
+  FerrydProcess server({"--max-buffered-bytes-per-client", std::to_string(16 << 20)});
+  Client probe = connect(server.unix_uri());
+  const std::uint64_t rss_before = server.rss_bytes();
+  RawSocket s = RawSocket::connect_unix(server.socket_path());
+  s.hello();
+  std::thread sender = ask_and_never_read(s, 1024, 1u << 20);
+  test::v1::StatsReply st;
+  EXPECT_TRUE(eventually([&] { return (st = stats(probe)).read_pauses() >= 1; }, 10s)) << st.DebugString();
+  std::this_thread::sleep_for(500ms);
+  st = stats(probe);
+  // 16 MiB queued, plus what the handlers of the last few calls read before
+  // the pause made (at most 32 replies) and one batch being written.
+  EXPECT_LT(st.buffer_bytes_in_use(), 64u << 20) << st.DebugString();
+  EXPECT_LT(server.rss_bytes(), rss_before + (160u << 20));
+  // Others are served meanwhile.
+  test::v1::EchoCall echo;
+  echo.set_payload("still here");
+  EXPECT_EQ(probe.call_future<TestSvc::Echo>(echo).get().payload(), "still here");
+  ::shutdown(s.fd(), SHUT_RDWR);
+  sender.join();
+  EXPECT_TRUE(eventually([&] { return stats(probe).buffer_bytes_in_use() < (4u << 20); }, 10s));
+}
+
+// Past max_buffered_bytes across all clients, a new call is refused at once
+// as overloaded (retryable), and accepted again once the bytes are freed.
+TEST_F(LimitsTest, NewCallsAreRefusedAsOverloadedWhileTheDaemonHoldsMaxBufferedBytes) {
+  FerrydProcess server(
+      {"--max-buffered-bytes-per-client", std::to_string(32 << 20), "--max-buffered-bytes", std::to_string(8 << 20)});
+  Client probe = connect(server.unix_uri());
+  auto s = std::make_unique<RawSocket>(RawSocket::connect_unix(server.socket_path()));
+  s->hello();
+  std::thread sender = ask_and_never_read(*s, 256, 1u << 20);
+  test::v1::EchoCall echo;
+  echo.set_payload("x");
+  Error refused(Code::ok, "");
+  EXPECT_TRUE(eventually([&] {
+    try {
+      probe.call_future<TestSvc::Echo>(echo).get();
+      return false;
+    } catch (const Error& e) {
+      refused = e;
+      return true;
+    }
+  }, 10s));
+  EXPECT_EQ(refused.code(), Code::resource_exhausted);
+  EXPECT_TRUE(refused.retryable());
+  EXPECT_THAT(refused.message(), HasSubstr("max_buffered_bytes"));
+  ::shutdown(s->fd(), SHUT_RDWR);
+  sender.join();
+  s.reset();
+  EXPECT_TRUE(eventually([&] {
+    try {
+      return probe.call_future<TestSvc::Echo>(echo).get().payload() == "x";
+    } catch (const Error&) {
+      return false;
+    }
+  }, 10s));
 }
 
 }  // namespace
