@@ -394,7 +394,11 @@ TEST_F(LimitsTest, AClientThatAsksButNeverReadsCannotGrowTheDaemonsMemory) {
   // 16 MiB queued, plus what the handlers of the last few calls read before
   // the pause made (at most 32 replies) and one batch being written.
   EXPECT_LT(st.buffer_bytes_in_use(), 64u << 20) << st.DebugString();
-  EXPECT_LT(server.rss_bytes(), rss_before + (160u << 20));
+#if !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+  EXPECT_LT(server.rss_bytes(), rss_before + (160u << 20));  // sanitizers keep freed memory in quarantine
+#else
+  (void)rss_before;
+#endif
   // Others are served meanwhile.
   test::v1::EchoCall echo;
   echo.set_payload("still here");
