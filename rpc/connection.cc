@@ -1,5 +1,6 @@
 #include "rpc/connection.h"
 
+#include <algorithm>
 #include <asio/co_spawn.hpp>
 #include <asio/detached.hpp>
 #include <asio/experimental/as_tuple.hpp>
@@ -26,7 +27,13 @@ Error io_error(const std::error_code& ec, const PeerIdentity& peer) {
 template <class Fn>
 void spawn(asio::any_io_executor ex, std::shared_ptr<Connection> self, Fn fn) {
   asio::co_spawn(ex, std::move(fn), [self](std::exception_ptr e) {
-    if (e) self->close(Error::from_exception(e));
+    if (!e) return;
+    // The reader, writer and keepalive report their ends themselves; an
+    // exception out of one of them is a fault in this program, not the peer's.
+    Error reason = Error::from_exception(e);
+    spdlog::error("connection with {} ({}): internal error, closing: {}", self->peer().address,
+                  self->peer().transport, reason.message());
+    self->close(std::move(reason));
   });
 }
 }  // namespace
@@ -119,14 +126,33 @@ std::size_t Connection::drop_bulk(Serial serial) {
 
 bool Connection::unqueue(Serial serial, FrameType type) {
   std::lock_guard lock(mutex_);
-  for (auto it = control_.begin(); it != control_.end(); ++it) {
-    if (it->serial == serial && it->type == type) {
-      queued_bytes_.fetch_sub(it->wire_size(), std::memory_order_relaxed);
-      control_.erase(it);
-      return true;
+  auto it = std::find_if(control_.begin(), control_.end(),
+                         [&](const OutFrame& f) { return f.serial == serial && f.type == type; });
+  if (it == control_.end()) return false;
+  std::size_t bytes = 0;
+  if (type == FrameType::call) {
+    // The call's own frames can only follow it in the control queue; the
+    // bulk queue holds the stream's data.
+    for (auto f = it; f != control_.end();) {
+      if (f->serial == serial) {
+        bytes += f->wire_size();
+        f = control_.erase(f);
+      } else {
+        ++f;
+      }
     }
+    if (auto b = bulk_.find(serial); b != bulk_.end()) {
+      for (const auto& f : b->second) bytes += f.wire_size();
+      bulk_frames_ -= b->second.size();
+      bulk_.erase(b);
+      std::erase(bulk_turns_, serial);
+    }
+  } else {
+    bytes = it->wire_size();
+    control_.erase(it);
   }
-  return false;
+  queued_bytes_.fetch_sub(bytes, std::memory_order_relaxed);
+  return true;
 }
 
 void Connection::close(Error reason) {
@@ -421,9 +447,10 @@ bool Connection::take_batch(std::vector<OutFrame>& batch) {
       return true;
     }
   }
-  // Then bulk frames, one per stream in turn.
+  // Then bulk frames, one per stream in turn, once no control frame waits:
+  // a stream's CALL (queued before its chunks) must reach the wire first.
   std::size_t bulk_bytes = 0;
-  while (!bulk_turns_.empty() && batch.size() < 512 && bulk_bytes < options_.max_batch_bytes) {
+  while (control_.empty() && !bulk_turns_.empty() && batch.size() < 512 && bulk_bytes < options_.max_batch_bytes) {
     const Serial serial = bulk_turns_.front();
     bulk_turns_.pop_front();
     auto it = bulk_.find(serial);

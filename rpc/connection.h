@@ -115,8 +115,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool send(const Header& header, Buffer body, Lane lane = Lane::control);
   bool send(OutFrame frame, Lane lane);
 
-  // Removes a CALL that is still queued (not yet handed to the socket).
-  // Thread-safe. True if it was removed: the peer will never see it.
+  // Removes a CALL that is still queued (not yet handed to the socket),
+  // and with it every other frame queued under its serial: a stream's
+  // chunks, holes or abort must not reach a peer that never saw the call
+  // (it would take them for a protocol violation). Thread-safe, and atomic
+  // with respect to the writer. True if it was removed: the peer will never
+  // see the call.
   bool unqueue(Serial serial, FrameType type);
   // Drops every queued bulk frame (chunks, holes) of one stream, as an
   // abort must. Thread-safe. Returns how many were dropped.

@@ -156,6 +156,50 @@ TEST(Connection, DroppingAStreamRemovesOnlyItsQueuedFrames) {
   EXPECT_EQ(pair.read_frames(1, 200ms).size(), 0u);
 }
 
+TEST(Connection, UnqueueingACallTakesItsStreamFramesWithIt) {
+  IoThreads io(1);
+  Pair pair(io);
+  // A stream call not yet written: its CALL, two chunks and an abort (an
+  // error chunk on the control lane); another call's frames around it.
+  pair.connection->send({99, 1, 1, FrameType::call, 5, FrameStatus::ok}, Buffer::copy_of("call 5"), Lane::control);
+  pair.connection->send({99, 1, 1, FrameType::call, 7, FrameStatus::ok}, Buffer::copy_of("call 7"), Lane::control);
+  pair.connection->send(bulk_frame(5, 1024), Lane::bulk);
+  pair.connection->send(bulk_frame(7, 1024), Lane::bulk);
+  pair.connection->send(bulk_frame(5, 1024), Lane::bulk);
+  pair.connection->send({99, 1, 1, FrameType::data_chunk, 5, FrameStatus::error}, Buffer::copy_of("abort"),
+                        Lane::control);
+  EXPECT_TRUE(pair.connection->unqueue(5, FrameType::call));
+  EXPECT_FALSE(pair.connection->unqueue(5, FrameType::call));
+  EXPECT_EQ(pair.connection->queued_frames(), 2u) << "only call 7 and its chunk stay";
+  pair.connection->start(pair.handler);
+  auto frames = pair.read_frames(2);
+  ASSERT_EQ(frames.size(), 2u);
+  EXPECT_EQ(frames[0].header.serial, 7u);
+  EXPECT_EQ(frames[0].header.type, FrameType::call);
+  EXPECT_EQ(frames[1].header.serial, 7u);
+  EXPECT_EQ(frames[1].header.type, FrameType::data_chunk);
+  EXPECT_EQ(pair.read_frames(1, 200ms).size(), 0u) << "a frame of the unqueued call went out";
+}
+
+TEST(Connection, NoChunkOvertakesItsCallWhenManyControlFramesWait) {
+  IoThreads io(1);
+  Pair pair(io);
+  // More control bytes than one batch takes (large replies), the stream's
+  // CALL last; its chunk must still come after it.
+  constexpr int kControl = 200;
+  const std::string large(64 << 10, 'r');
+  for (int i = 0; i < kControl; ++i)
+    pair.connection->send({99, 1, 1, FrameType::reply, static_cast<Serial>(1000 + i), FrameStatus::ok},
+                          Buffer::copy_of(large), Lane::control);
+  pair.connection->send({99, 1, 1, FrameType::call, 5, FrameStatus::ok}, Buffer::copy_of("call"), Lane::control);
+  pair.connection->send(bulk_frame(5, 1024), Lane::bulk);
+  pair.connection->start(pair.handler);
+  auto frames = pair.read_frames(kControl + 2);
+  ASSERT_EQ(frames.size(), static_cast<std::size_t>(kControl + 2));
+  EXPECT_EQ(frames[kControl].header.type, FrameType::call);
+  EXPECT_EQ(frames[kControl + 1].header.type, FrameType::data_chunk);
+}
+
 TEST(Connection, WriterGathersManyQueuedFramesIntoFewWrites) {
   IoThreads io(1);
   Pair pair(io);
