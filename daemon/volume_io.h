@@ -70,6 +70,12 @@ class Pipeline {
   void rethrow() const {
     if (state_->error) std::rethrow_exception(state_->error);
   }
+  // Drops what the pipeline keeps alive for its operations (a writer lock,
+  // a file). After drain() nothing runs, but the operations' completion
+  // handlers may still be on their way to being destroyed on other
+  // threads; whoever must see the lock gone when the reply goes out calls
+  // this rather than leaving it to them.
+  void release() { state_->keep.reset(); }
 
  private:
   struct State {

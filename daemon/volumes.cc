@@ -689,6 +689,11 @@ std::shared_ptr<rpc::Program> VolumeService::program() {
         temp.clear();
         if (!call.no_sync()) ::fsync(p.dirfd);
       }
+      // Every write has landed: the volume is free for the next writer
+      // before the reply says so (one that follows at once must not find
+      // it held).
+      pipeline.release();
+      lock.reset();
     } catch (...) {
       Error error = Error::from_exception(std::current_exception());
       if (s.failed_by_peer() && s.error()) error = *s.error();
