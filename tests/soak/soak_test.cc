@@ -1,7 +1,8 @@
 // Soak test: one real ferryd under a bounded mixed load from hundreds of
 // clients over UNIX, TCP and TLS for a fixed time (FERRY_SOAK_SECONDS,
-// default 120; FERRY_SOAK_CLIENTS, default 300). See docs/operations.md,
-// "Soak test".
+// default 120; FERRY_SOAK_CLIENTS, default 300; FERRY_SOAK_OPS and
+// FERRY_SOAK_TRANSPORTS narrow the load to chase one failure). See
+// docs/operations.md, "Soak test".
 //
 // Each client runs one operation after another, each under a deadline
 // (FERRY_SOAK_DEADLINE, default 30 s): echoes checked byte for byte,
@@ -1103,24 +1104,60 @@ asio::awaitable<void> run_op(Worker& w, Op op) {
   }
 }
 
+// The operations' weights; FERRY_SOAK_OPS (names, comma-separated) keeps
+// only those named, to reproduce a problem with one kind of operation.
+const std::array<unsigned, kOps>& op_weights() {
+  static const std::array<unsigned, kOps> weights = [] {
+    std::array<unsigned, kOps> w = kOpWeights;
+    const char* only = std::getenv("FERRY_SOAK_OPS");
+    if (!only || !*only) return w;
+    const std::string list = std::string(",") + only + ",";
+    unsigned kept = 0;
+    for (std::size_t i = 0; i < kOps; ++i) {
+      if (list.find(std::string(",") + kOpNames[i] + ",") == std::string::npos) w[i] = 0;
+      kept += w[i];
+    }
+    if (kept == 0) throw std::runtime_error(std::string("FERRY_SOAK_OPS names no operation: ") + only);
+    return w;
+  }();
+  return weights;
+}
+
+// The transports clients use in turn; FERRY_SOAK_TRANSPORTS (unix, tcp,
+// tls, comma-separated) narrows them.
+const std::vector<TransportKind>& transports() {
+  static const std::vector<TransportKind> kinds = [] {
+    const std::vector<std::pair<const char*, TransportKind>> all = {
+        {"unix", TransportKind::unix_socket}, {"tcp", TransportKind::tcp}, {"tls", TransportKind::tls}};
+    const char* only = std::getenv("FERRY_SOAK_TRANSPORTS");
+    std::vector<TransportKind> k;
+    const std::string list = std::string(",") + (only && *only ? only : "unix,tcp,tls") + ",";
+    for (const auto& [name, kind] : all)
+      if (list.find(std::string(",") + name + ",") != std::string::npos) k.push_back(kind);
+    if (k.empty()) throw std::runtime_error(std::string("FERRY_SOAK_TRANSPORTS names no transport: ") + only);
+    return k;
+  }();
+  return kinds;
+}
+
 Op pick_op(std::mt19937_64& rng) {
-  static const unsigned total = [] {
+  const auto& weights = op_weights();
+  static const unsigned total = [&] {
     unsigned t = 0;
-    for (unsigned x : kOpWeights) t += x;
+    for (unsigned x : weights) t += x;
     return t;
   }();
   unsigned r = static_cast<unsigned>(rng() % total);
   for (std::size_t i = 0; i < kOps; ++i) {
-    if (r < kOpWeights[i]) return static_cast<Op>(i);
-    r -= kOpWeights[i];
+    if (r < weights[i]) return static_cast<Op>(i);
+    r -= weights[i];
   }
   return Op::echo;
 }
 
 asio::awaitable<void> run_worker(Soak& soak, unsigned id) {
-  static constexpr std::array<TransportKind, 3> kinds = {TransportKind::unix_socket, TransportKind::tcp,
-                                                         TransportKind::tls};
-  Worker w(soak, id, kinds[id % 3], soak.state(id), soak.settings().seed * 1000003u + id, "c" + std::to_string(id));
+  const auto& kinds = transports();
+  Worker w(soak, id, kinds[id % kinds.size()], soak.state(id), soak.settings().seed * 1000003u + id, "c" + std::to_string(id));
   // Arrivals spread over the first three seconds.
   co_await pause(std::chrono::microseconds(3'000'000ull * id / soak.settings().clients));
   while (!soak.stopping()) {
@@ -1411,8 +1448,12 @@ TEST(SoakTest, MixedWorkload) {
   auto iowq = [](const Sample& s) { return static_cast<std::uint64_t>(s.iowq); };
   const std::uint64_t ops = soak.ops_done();
   std::printf("\n==== soak summary ====\n");
+  unsigned per_kind[3] = {0, 0, 0};
+  for (unsigned id = 0; id < settings.clients; ++id)
+    ++per_kind[static_cast<int>(transports()[id % transports().size()])];
   std::printf("duration %.1f s, %u clients (%u unix, %u tcp, %u tls), %llu operations (%.0f/s), %llu failures\n", T,
-              settings.clients, (settings.clients + 2) / 3, (settings.clients + 1) / 3, settings.clients / 3,
+              settings.clients, per_kind[static_cast<int>(TransportKind::unix_socket)],
+              per_kind[static_cast<int>(TransportKind::tcp)], per_kind[static_cast<int>(TransportKind::tls)],
               static_cast<unsigned long long>(ops), static_cast<double>(ops) / T,
               static_cast<unsigned long long>(soak.failure_count()));
   std::printf(
@@ -1455,6 +1496,35 @@ TEST(SoakTest, MixedWorkload) {
   std::printf("curve: %s (%zu samples)\n", settings.csv.c_str(), curve.size());
 
   // ---- verdict ----
+  if (soak.failure_count() > 0) {
+    // The daemon's side of the story. Its log goes with the test's
+    // directory: keep a copy beside the curve, and show what in it is out
+    // of the ordinary (clients hanging up on their calls are the workload).
+    const std::string full = daemon.log();
+    const std::string kept = settings.csv.substr(0, settings.csv.rfind('.')) + "-ferryd.log";
+    if (std::FILE* f = std::fopen(kept.c_str(), "w")) {
+      std::fwrite(full.data(), 1, full.size(), f);
+      std::fclose(f);
+    }
+    std::istringstream lines(full);
+    std::string line;
+    std::vector<std::string> notable;
+    while (std::getline(lines, line)) {
+      // "<time> <level> <message>"
+      const std::size_t at = line.find(' ');
+      const std::string level = at == std::string::npos ? "" : line.substr(at + 1, line.find(' ', at + 1) - at - 1);
+      const bool loud = level == "warning" || level == "error" || level == "critical" ||
+                        line.find(" gone with ") != std::string::npos;
+      const bool hang_up = line.find("closed by peer") != std::string::npos ||
+                           line.find("Broken pipe") != std::string::npos ||
+                           line.find("reset by peer") != std::string::npos;
+      if (loud && !hang_up) notable.push_back(line);
+    }
+    const std::size_t from = notable.size() > 200 ? notable.size() - 200 : 0;
+    std::printf("ferryd's log: %s; out of the ordinary in it (%zu lines, the last %zu shown):\n", kept.c_str(),
+                notable.size(), notable.size() - from);
+    for (std::size_t i = from; i < notable.size(); ++i) std::printf("  %s\n", notable[i].c_str());
+  }
   for (const auto& f : soak.failures()) ADD_FAILURE() << f;
   EXPECT_EQ(soak.failure_count(), 0u) << "lost or corrupted bytes, hangs or unexpected errors (above)";
   ASSERT_FALSE(daemon_died) << "ferryd died";
