@@ -239,6 +239,31 @@ TEST_P(VolumeTest, TwoWritersOnOneVolumeAreRefused) {
   EXPECT_CLI(cli(d, {"vol-upload", "v", file("in")}), 0);
 }
 
+TEST_P(VolumeTest, AnUploadRightAfterAnAcknowledgedOneFindsTheVolumeFree) {
+  // The reply to an upload is the writer's release: the next writer, sent
+  // the moment it arrives, must never be told the volume is in use.
+  FerrydProcess d;
+  EXPECT_CLI(cli(d, {"vol-create", "v", "1M"}), 0);
+  Session s = session(d);
+  v1::VolUploadCall call;
+  call.mutable_volume()->set_pool("default");
+  call.mutable_volume()->set_name("v");
+  call.set_no_sync(true);
+  std::vector<std::uint8_t> data(64 * 1024);
+  for (int i = 0; i < 300; ++i) {
+    std::fill(data.begin(), data.end(), static_cast<std::uint8_t>(i));
+    call.set_atomic(i % 2 == 1);
+    try {
+      UploadStream up = s.open_upload(call);
+      up.write(data);
+      EXPECT_EQ(up.finish().data_bytes(), data.size());
+    } catch (const Error& e) {
+      ADD_FAILURE() << "upload " << i << " right after an acknowledged one: " << e.describe();
+      break;
+    }
+  }
+}
+
 TEST_P(VolumeTest, ConcurrentUploadsToDifferentVolumes) {
   FerrydProcess d;
   constexpr int n = 4;
