@@ -141,6 +141,7 @@ DaemonConfig parse_config(const std::string& text, const std::string& source) {
   daemon.integer("shutdown_grace_ms", c.shutdown_grace_ms, 0, 3600 * 1000);
   daemon.integer("io_threads", s.io_threads, 0, 1024);
   daemon.integer("worker_threads", s.worker_threads, 1, 1024);
+  daemon.boolean("calls_before_streams", s.calls_before_streams);
   daemon.boolean("test_service", c.test_service);
   daemon.strings("listen", c.listen);
   for (const auto& l : c.listen) {
@@ -325,6 +326,7 @@ std::string to_toml(const DaemonConfig& c) {
                                     {"shutdown_grace_ms", static_cast<std::int64_t>(c.shutdown_grace_ms)},
                                     {"io_threads", static_cast<std::int64_t>(s.io_threads)},
                                     {"worker_threads", static_cast<std::int64_t>(s.worker_threads)},
+                                    {"calls_before_streams", s.calls_before_streams},
                                     {"test_service", c.test_service},
                                     {"listen", list(c.listen)}});
   root.insert("unix", toml::table{{"socket_mode", octal(s.unix_socket_mode)},

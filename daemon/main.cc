@@ -128,6 +128,9 @@ int main(int argc, char** argv) {
   app.add_option("--io-threads", options.io_threads, "io threads (0 = one per core)")->capture_default_str();
   app.add_option("--worker-threads", options.worker_threads, "threads for handlers that block")
       ->capture_default_str();
+  app.add_flag("--calls-before-streams,!--no-calls-before-streams", options.calls_before_streams,
+               "stream handlers' work waits while calls are ready on their io thread")
+      ->capture_default_str();
   app.add_option("--max-clients", options.max_clients, "connected clients allowed at once")->capture_default_str();
   app.add_option("--max-calls-per-client", options.max_calls_per_client, "calls in flight per connection")
       ->capture_default_str();

@@ -27,6 +27,7 @@
 
 #include "ferry/v1/control.ferry.h"
 #include "ferry/v1/error.pb.h"
+#include "rpc/bulk_queue.h"
 #include "rpc/connection.h"
 #include "rpc/hello.h"
 #include "rpc/socket_transport.h"
@@ -109,7 +110,10 @@ class Server::Impl {
     // handlers it starts stay on one thread, so the hops between reader,
     // handler and writer are queue pushes, not cross-thread wake-ups.
     // Context 0 also runs the acceptors.
-    for (unsigned i = 0; i < io_threads_; ++i) contexts_.push_back(std::make_unique<asio::io_context>(1));
+    for (unsigned i = 0; i < io_threads_; ++i) {
+      contexts_.push_back(std::make_unique<asio::io_context>(1));
+      bulk_.push_back(std::make_unique<BulkQueue>(*contexts_.back()));
+    }
     live_.max_clients = options_.max_clients;
     live_.max_unauthenticated_clients = options_.max_unauthenticated_clients;
     live_.max_calls = options_.max_calls;
@@ -137,6 +141,15 @@ class Server::Impl {
   LiveLimits live_;
 
   asio::io_context& io() { return *contexts_[0]; }
+  // The stream-work queue of the io thread that runs `ex`; null when stream
+  // handlers share the io_context's queue (calls_before_streams off).
+  BulkQueue* bulk_for(const asio::any_io_executor& ex) {
+    if (!options_.calls_before_streams) return nullptr;
+    const asio::execution_context* context = &asio::query(ex, asio::execution::context);
+    for (std::size_t i = 0; i < contexts_.size(); ++i)
+      if (contexts_[i].get() == context) return bulk_[i].get();
+    return nullptr;
+  }
   asio::io_context& next_context() {
     return *contexts_[next_context_.fetch_add(1, std::memory_order_relaxed) % contexts_.size()];
   }
@@ -146,6 +159,7 @@ class Server::Impl {
   ServerOptions options_;
   unsigned io_threads_;
   std::vector<std::unique_ptr<asio::io_context>> contexts_;
+  std::vector<std::unique_ptr<BulkQueue>> bulk_;  // one per context; cleared before the contexts go
   // One pool of large buffers for every connection: idle bytes are capped
   // once for the process instead of once per client.
   std::shared_ptr<BufferPool> pool_ = BufferPool::create(64u << 20);
@@ -575,8 +589,14 @@ class Server::Impl::Session final : public FrameHandler,
     }
     // Handlers run on the connection's own io thread (or, if they may
     // block, on a strand of the worker pool), never on a thread of their own.
-    asio::any_io_executor ex = entry->may_block ? asio::any_io_executor(asio::make_strand(server_->workers_))
-                                                : connection_->get_executor();
+    // Stream handlers do theirs on the same io thread, from its stream-work
+    // queue, which waits while calls and frames are ready (bulk_queue.h).
+    asio::any_io_executor ex = connection_->get_executor();
+    if (entry->may_block) {
+      ex = asio::make_strand(server_->workers_);
+    } else if (entry->opens_stream) {
+      if (BulkQueue* bulk = server_->bulk_for(ex)) ex = BulkExecutor(*bulk);
+    }
     if (!entry->invoke(state, std::move(body), ex)) {
       // DESIGN.md: a body that does not parse is a protocol error. Say so to
       // the caller first, so it sees why rather than a bare reset.
@@ -1188,7 +1208,10 @@ void Server::start() {
       auto guard = asio::make_work_guard(context);
       for (;;) {
         try {
-          context.run();
+          if (impl.options_.calls_before_streams)
+            run_io_thread(context, *impl.bulk_[i]);
+          else
+            context.run();
           break;
         } catch (const std::exception& e) {
           spdlog::critical("uncaught exception on an io thread: {}", e.what());
@@ -1256,6 +1279,7 @@ void Server::shutdown(std::chrono::milliseconds grace) {
   for (auto& t : impl.threads_)
     if (t.joinable()) t.join();
   impl.threads_.clear();
+  for (auto& b : impl.bulk_) b->clear();
   impl.workers_.stop();
   impl.workers_.join();
   for (auto& path : impl.unix_paths_) ::unlink(path.c_str());

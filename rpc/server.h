@@ -45,6 +45,10 @@ AuthMode parse_auth_mode(const std::string& text);  // "none" | "sasl"; throws I
 struct ServerOptions {
   unsigned io_threads = 0;      // 0: one per core
   unsigned worker_threads = 4;  // for may_block handlers
+  // Stream handlers' work waits while calls and frames are ready on their io
+  // thread, so small calls are not stuck behind bulk data (bulk_queue.h).
+  // Off: they take turns with everything else in the io thread's queue.
+  bool calls_before_streams = true;
   std::size_t max_clients = 1024;
   // Connected but not yet through Hello (and SASL where required),
   // including TLS handshakes in progress.
