@@ -38,6 +38,8 @@ v1::AdminLimits to_proto(const rpc::ServerLimits& l) {
   out.set_max_streams(l.max_streams);
   out.set_max_calls_per_client(l.max_calls_per_client);
   out.set_max_streams_per_client(l.max_streams_per_client);
+  out.set_max_buffered_bytes_per_client(l.max_buffered_bytes_per_client);
+  out.set_max_buffered_bytes(l.max_buffered_bytes);
   out.set_auth_timeout_ms(static_cast<std::uint64_t>(l.auth_timeout.count()));
   out.set_idle_timeout_ms(static_cast<std::uint64_t>(l.idle_timeout.count()));
   return out;
@@ -257,6 +259,8 @@ std::string AdminService::metrics_text() const {
   value("ferry_limit{name=\"max_streams\"}", l.max_streams());
   value("ferry_limit{name=\"max_calls_per_client\"}", l.max_calls_per_client());
   value("ferry_limit{name=\"max_streams_per_client\"}", l.max_streams_per_client());
+  value("ferry_limit{name=\"max_buffered_bytes_per_client\"}", l.max_buffered_bytes_per_client());
+  value("ferry_limit{name=\"max_buffered_bytes\"}", l.max_buffered_bytes());
   return out;
 }
 
@@ -312,6 +316,9 @@ std::shared_ptr<rpc::Program> AdminService::program() {
     set("max_calls_per_client", call.has_max_calls_per_client(), call.max_calls_per_client(), l.max_calls_per_client);
     set("max_streams_per_client", call.has_max_streams_per_client(), call.max_streams_per_client(),
         l.max_streams_per_client);
+    set("max_buffered_bytes_per_client", call.has_max_buffered_bytes_per_client(),
+        call.max_buffered_bytes_per_client(), l.max_buffered_bytes_per_client);
+    set("max_buffered_bytes", call.has_max_buffered_bytes(), call.max_buffered_bytes(), l.max_buffered_bytes);
     set("auth_timeout_ms", call.has_auth_timeout_ms(), call.auth_timeout_ms(), l.auth_timeout);
     set("idle_timeout_ms", call.has_idle_timeout_ms(), call.idle_timeout_ms(), l.idle_timeout);
     server_.set_limits(l);  // throws INVALID_ARGUMENT, changing nothing

@@ -50,6 +50,7 @@ Connection::Connection(std::unique_ptr<Transport> transport, ConnectionOptions o
       resume_(executor_),
       drained_(executor_),
       wake_(executor_),
+      max_queued_bytes_(options.max_queued_bytes),
       keepalive_timer_(executor_),
       keepalive_ms_(options.keepalive_interval.count()),
       keepalive_count_(options.keepalive_count) {
@@ -402,7 +403,7 @@ asio::awaitable<void> Connection::run_reader() {
       resume_.expires_at(asio::steady_timer::time_point::max());
       co_await resume_.async_wait(use_tuple);
     }
-    if (options_.max_queued_bytes == 0) continue;
+    if (max_queued_bytes() == 0) continue;
     // Handlers start once the reader gives the strand up; every few frames
     // it does, so that what they queue is counted before it reads on.
     if (++frames_since_yield_ >= 32) {
@@ -411,10 +412,11 @@ asio::awaitable<void> Connection::run_reader() {
     }
     // A peer that does not read what it asked for gets no more read from
     // it (and so no more replies queued for it) until the queue drains.
-    if (queued_bytes() > options_.max_queued_bytes && !close_handled_) {
+    if (queued_bytes() > max_queued_bytes() && !close_handled_) {
       read_pauses_.fetch_add(1, std::memory_order_relaxed);
       queue_full_ = true;
-      while (queued_bytes() > options_.max_queued_bytes / 2 && !close_handled_) {
+      // (The bound is read again each time: an administrator may change it.)
+      while (max_queued_bytes() != 0 && queued_bytes() > max_queued_bytes() / 2 && !close_handled_) {
         drained_.expires_after(std::chrono::milliseconds(100));
         co_await drained_.async_wait(use_tuple);
       }
@@ -432,7 +434,7 @@ bool Connection::take_batch(std::vector<OutFrame>& batch) {
   const auto done = [&] {
     queued_bytes_.fetch_sub(taken, std::memory_order_relaxed);
     // The reader waits for the queue to drain to half its bound.
-    if (queue_full_ && queued_bytes_.load(std::memory_order_relaxed) <= options_.max_queued_bytes / 2)
+    if (queue_full_ && queued_bytes_.load(std::memory_order_relaxed) <= max_queued_bytes() / 2)
       drained_.cancel();
   };
   // (Small frames as they come; large replies a batch's worth at a time,

@@ -148,6 +148,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
 
   // New limits after Hello. Thread-safe.
   void set_limits(FrameLimits limits);
+  // A new bound on bytes queued for the peer (max_queued_bytes); a reader
+  // stopped at the old one looks again within 100 ms. Thread-safe.
+  void set_max_queued_bytes(std::size_t bytes) { max_queued_bytes_.store(bytes, std::memory_order_relaxed); }
+  std::size_t max_queued_bytes() const { return max_queued_bytes_.load(std::memory_order_relaxed); }
   void set_keepalive(std::chrono::milliseconds interval, unsigned count);
 
   bool closed() const { return closed_.load(std::memory_order_acquire); }
@@ -224,6 +228,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   std::string flush_close_reason_;
   Code flush_close_code_ = Code::unavailable;
   asio::steady_timer wake_;
+  std::atomic<std::size_t> max_queued_bytes_;
   asio::steady_timer keepalive_timer_;
   std::atomic<std::int64_t> keepalive_ms_;
   std::atomic<unsigned> keepalive_count_;

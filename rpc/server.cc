@@ -120,6 +120,8 @@ class Server::Impl {
     live_.max_streams = options_.max_streams;
     live_.max_calls_per_client = options_.max_calls_per_client;
     live_.max_streams_per_client = options_.max_streams_per_client;
+    live_.max_buffered_bytes_per_client = options_.max_buffered_bytes_per_client;
+    live_.max_buffered_bytes = options_.max_buffered_bytes;
     live_.auth_timeout_ms = options_.auth_timeout.count();
     live_.idle_timeout_ms = options_.idle_timeout.count();
   }
@@ -133,6 +135,8 @@ class Server::Impl {
     std::atomic<std::size_t> max_streams{0};
     std::atomic<std::size_t> max_calls_per_client{0};
     std::atomic<std::size_t> max_streams_per_client{0};
+    std::atomic<std::size_t> max_buffered_bytes_per_client{0};
+    std::atomic<std::size_t> max_buffered_bytes{0};
     std::atomic<std::int64_t> auth_timeout_ms{0};
     std::atomic<std::int64_t> idle_timeout_ms{0};
     std::chrono::milliseconds auth_timeout() const { return std::chrono::milliseconds(auth_timeout_ms.load(relaxed)); }
@@ -558,7 +562,7 @@ class Server::Impl::Session final : public FrameHandler,
                " calls in flight across all clients (max_calls); retry later");
         return;
       }
-      if (const std::size_t max_buffered = server_->options_.max_buffered_bytes; max_buffered != 0 && !admin_) {
+      if (const std::size_t max_buffered = o.max_buffered_bytes.load(relaxed); max_buffered != 0 && !admin_) {
         if (const std::size_t held = server_->pool_->in_use_bytes(); held >= max_buffered) {
           refuse("overloaded: " + std::to_string(held) + " bytes buffered across all clients (max_buffered_bytes " +
                  std::to_string(max_buffered) + "); retry later");
@@ -921,7 +925,7 @@ void Server::Impl::accept_connection(std::unique_ptr<Transport> transport, bool 
   copts.keepalive_interval = options_.keepalive_interval;
   copts.keepalive_count = options_.keepalive_count;
   copts.socket_buffer_bytes = options_.socket_buffer_bytes;
-  copts.max_queued_bytes = options_.max_buffered_bytes_per_client;
+  copts.max_queued_bytes = live_.max_buffered_bytes_per_client.load(relaxed);
   copts.pool = pool_;
   auto connection = std::make_shared<Connection>(std::move(transport), copts);
   const PeerIdentity& peer = connection->peer();
@@ -1363,6 +1367,8 @@ ServerLimits Server::limits() const {
   out.max_streams = l.max_streams.load();
   out.max_calls_per_client = l.max_calls_per_client.load();
   out.max_streams_per_client = l.max_streams_per_client.load();
+  out.max_buffered_bytes_per_client = l.max_buffered_bytes_per_client.load();
+  out.max_buffered_bytes = l.max_buffered_bytes.load();
   out.auth_timeout = l.auth_timeout();
   out.idle_timeout = l.idle_timeout();
   return out;
@@ -1387,8 +1393,15 @@ void Server::set_limits(const ServerLimits& limits) {
   l.max_streams = limits.max_streams;
   l.max_calls_per_client = limits.max_calls_per_client;
   l.max_streams_per_client = limits.max_streams_per_client;
+  l.max_buffered_bytes = limits.max_buffered_bytes;
   l.auth_timeout_ms = limits.auth_timeout.count();
   l.idle_timeout_ms = limits.idle_timeout.count();
+  if (l.max_buffered_bytes_per_client.exchange(limits.max_buffered_bytes_per_client) !=
+      limits.max_buffered_bytes_per_client) {
+    // Clients connected now take the new bound too (the admin socket's own
+    // connections included, as at accept).
+    for (const auto& s : impl_->session_list()) s->connection()->set_max_queued_bytes(limits.max_buffered_bytes_per_client);
+  }
 }
 
 std::vector<ClientInfo> Server::clients() const {

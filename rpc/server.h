@@ -129,6 +129,8 @@ struct ServerLimits {
   std::size_t max_streams = 0;
   std::size_t max_calls_per_client = 0;
   std::size_t max_streams_per_client = 0;
+  std::size_t max_buffered_bytes_per_client = 0;  // 0: no bound; applies to connected clients too
+  std::size_t max_buffered_bytes = 0;             // 0: no bound
   std::chrono::milliseconds auth_timeout{0};  // for connections accepted from now on
   std::chrono::milliseconds idle_timeout{0};  // checked by connections whose idle timer runs; new ones arm it
 };

@@ -9,6 +9,7 @@
 
 #include "client/session.h"
 #include "ferry/v1/admin.ferry.h"
+#include "rpc/units.h"
 
 namespace ferry::cli {
 
@@ -103,6 +104,10 @@ void print_table(const std::vector<std::vector<std::string>>& rows) {
   }
 }
 
+std::string bytes_limit(std::uint64_t v) {
+  return v == 0 ? std::string("0 (no bound)") : std::to_string(v) + " (" + human_size(v) + ")";
+}
+
 void print_limits(const v1::AdminLimits& l) {
   print_table({{"max_clients", std::to_string(l.max_clients())},
                {"max_unauthenticated_clients", std::to_string(l.max_unauthenticated_clients())},
@@ -110,6 +115,8 @@ void print_limits(const v1::AdminLimits& l) {
                {"max_streams", std::to_string(l.max_streams())},
                {"max_calls_per_client", std::to_string(l.max_calls_per_client())},
                {"max_streams_per_client", std::to_string(l.max_streams_per_client())},
+               {"max_buffered_bytes_per_client", bytes_limit(l.max_buffered_bytes_per_client())},
+               {"max_buffered_bytes", bytes_limit(l.max_buffered_bytes())},
                {"auth_timeout_ms", std::to_string(l.auth_timeout_ms())},
                {"idle_timeout_ms", std::to_string(l.idle_timeout_ms())}});
 }
@@ -174,7 +181,9 @@ void print_info(const v1::AdminServerInfo& i) {
                      std::to_string(i.limits().max_calls()) + ", max_streams " +
                      std::to_string(i.limits().max_streams()) + ", max_calls_per_client " +
                      std::to_string(i.limits().max_calls_per_client()) + ", max_streams_per_client " +
-                     std::to_string(i.limits().max_streams_per_client()) + ", auth_timeout_ms " +
+                     std::to_string(i.limits().max_streams_per_client()) + ", max_buffered_bytes_per_client " +
+                     std::to_string(i.limits().max_buffered_bytes_per_client()) + ", max_buffered_bytes " +
+                     std::to_string(i.limits().max_buffered_bytes()) + ", auth_timeout_ms " +
                      std::to_string(i.limits().auth_timeout_ms()) + ", idle_timeout_ms " +
                      std::to_string(i.limits().idle_timeout_ms())},
   });
@@ -192,7 +201,16 @@ v1::AdminLimits parse_set(const std::vector<std::string>& items) {
     const auto eq = item.find('=');
     if (eq == std::string::npos) throw Error(Code::invalid_argument, "--set '" + item + "': expected NAME=VALUE");
     const std::string name = item.substr(0, eq);
-    const std::uint64_t v = number(item.substr(eq + 1), name);
+    const std::string text = item.substr(eq + 1);
+    if (name == "max_buffered_bytes_per_client" || name == "max_buffered_bytes") {
+      // Bytes, with the usual suffixes (64M, 1G); 0 takes the bound away.
+      const auto bytes = ::ferry::parse_size(text);
+      if (!bytes) throw Error(Code::invalid_argument, name + ": '" + text + "' is not a size (e.g. 65536, 64M, 1G)");
+      if (name == "max_buffered_bytes") l.set_max_buffered_bytes(*bytes);
+      else l.set_max_buffered_bytes_per_client(*bytes);
+      continue;
+    }
+    const std::uint64_t v = number(text, name);
     if (name == "max_clients") l.set_max_clients(v);
     else if (name == "max_unauthenticated_clients") l.set_max_unauthenticated_clients(v);
     else if (name == "max_calls") l.set_max_calls(v);
@@ -205,7 +223,8 @@ v1::AdminLimits parse_set(const std::vector<std::string>& items) {
       throw Error(Code::invalid_argument,
                   "unknown limit '" + name +
                       "' (max_clients, max_unauthenticated_clients, max_calls, max_streams, max_calls_per_client, "
-                      "max_streams_per_client, auth_timeout_ms, idle_timeout_ms)");
+                      "max_streams_per_client, max_buffered_bytes_per_client, max_buffered_bytes, auth_timeout_ms, "
+                      "idle_timeout_ms)");
   }
   return l;
 }

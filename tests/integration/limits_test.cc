@@ -14,6 +14,7 @@
 #include <optional>
 #include <thread>
 
+#include "ferry/v1/admin.ferry.h"
 #include "ferry/v1/control.ferry.h"
 #include "ferry/v1/test.ferry.h"
 #include "rpc/client.h"
@@ -406,6 +407,50 @@ TEST_F(LimitsTest, AClientThatAsksButNeverReadsCannotGrowTheDaemonsMemory) {
   ::shutdown(s.fd(), SHUT_RDWR);
   sender.join();
   EXPECT_TRUE(eventually([&] { return stats(probe).buffer_bytes_in_use() < (4u << 20); }, 10s));
+}
+
+// Both buffered-bytes bounds change at run time through the admin socket;
+// the per-client one reaches clients already connected.
+TEST_F(LimitsTest, BufferedBytesLimitsChangeAtRunTimeEvenForConnectedClients) {
+  using Admin = ferry::v1::Admin;
+  FerrydProcess server;  // 64 MiB per client, 1 GiB in all
+  Client probe = connect(server.unix_uri());
+  Client admin = connect("ferry+unix://" + server.dir() + "/ferryd-admin.sock");
+  RawSocket s = RawSocket::connect_unix(server.socket_path());
+  s.hello();  // connected under the old bound
+
+  ferry::v1::AdminLimits set;
+  set.set_max_buffered_bytes_per_client(8u << 20);
+  auto now = admin.call_future<Admin::LimitsSet>(set).get();
+  EXPECT_EQ(now.max_buffered_bytes_per_client(), 8u << 20);
+  EXPECT_EQ(now.max_buffered_bytes(), 1u << 30);
+
+  std::thread sender = ask_and_never_read(s, 1024, 256u << 10);
+  test::v1::StatsReply st;
+  EXPECT_TRUE(eventually([&] { return (st = stats(probe)).read_pauses() >= 1; }, 10s)) << st.DebugString();
+  std::this_thread::sleep_for(500ms);
+  st = stats(probe);
+  // 8 MiB queued plus the replies of the last 32 requests read; under the
+  // old bound the queue would have passed 64 MiB.
+  EXPECT_LT(st.buffer_bytes_in_use(), 32u << 20) << st.DebugString();
+
+  // The global bound, lowered under what is held: new calls are refused...
+  ferry::v1::AdminLimits global;
+  global.set_max_buffered_bytes(4u << 20);
+  EXPECT_EQ(admin.call_future<Admin::LimitsSet>(global).get().max_buffered_bytes(), 4u << 20);
+  test::v1::EchoCall echo;
+  echo.set_payload("x");
+  auto e = error_of([&] { probe.call_future<TestSvc::Echo>(echo).get(); });
+  EXPECT_EQ(e.code(), Code::resource_exhausted);
+  EXPECT_THAT(e.message(), HasSubstr("max_buffered_bytes"));
+  // ...and taken away (0: no bound), they are served again.
+  global.set_max_buffered_bytes(0);
+  EXPECT_EQ(admin.call_future<Admin::LimitsSet>(global).get().max_buffered_bytes(), 0u);
+  EXPECT_EQ(probe.call_future<TestSvc::Echo>(echo).get().payload(), "x");
+  EXPECT_TRUE(server.wait_for_log("limits set: max_buffered_bytes_per_client=8388608"));
+
+  ::shutdown(s.fd(), SHUT_RDWR);
+  sender.join();
 }
 
 // Past max_buffered_bytes across all clients, a new call is refused at once
