@@ -39,6 +39,7 @@ void BulkQueue::clear() {
 }
 
 void run_io_thread(asio::io_context& context, BulkQueue& bulk, std::size_t burst) {
+  bulk.loop_thread_.store(std::this_thread::get_id(), std::memory_order_relaxed);
   for (;;) {
     std::size_t n = 0;
     while (n < burst && context.poll_one() > 0) ++n;

@@ -19,10 +19,12 @@
 #include <asio/execution.hpp>
 #include <asio/io_context.hpp>
 #include <asio/post.hpp>
+#include <atomic>
 #include <cstddef>
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include <utility>
 
 namespace ferry::rpc {
@@ -43,9 +45,11 @@ class BulkQueue {
       wake = tasks_.empty();
       tasks_.push_back(std::make_unique<Task<F>>(std::move(f)));
     }
-    // The loop may be blocked in the io_context waiting for work: give it
-    // some, after which it looks here again.
-    if (wake) asio::post(context_, [] {});
+    // From another thread, the loop may be blocked in the io_context
+    // waiting for work: give it some, after which it looks here again. On
+    // the loop's own thread it is running, and looks here next anyway.
+    if (wake && std::this_thread::get_id() != loop_thread_.load(std::memory_order_relaxed))
+      asio::post(context_, [] {});
   }
 
   // Runs the oldest step, if any. On the io thread only.
@@ -67,7 +71,9 @@ class BulkQueue {
     F fn;
   };
 
+  friend void run_io_thread(asio::io_context&, BulkQueue&, std::size_t);
   asio::io_context& context_;
+  std::atomic<std::thread::id> loop_thread_{};
   mutable std::mutex mutex_;
   std::deque<std::unique_ptr<TaskBase>> tasks_;
 };
