@@ -80,9 +80,16 @@ class BulkQueue {
 
 // An Asio executor whose work runs from a BulkQueue. Usable wherever an
 // any_io_executor is: timers, sockets and co_spawn see the io_context.
+//
+// With an `urgent` flag, once it is set the work goes to the io_context
+// itself instead, ahead of queued stream work: a cancelled stream (by
+// CANCEL, an abort, or its connection closing) unwinds and frees what it
+// holds at call priority. Both queues are run by the same thread, so the
+// handler still never runs on two threads at once.
 class BulkExecutor {
  public:
-  explicit BulkExecutor(BulkQueue& queue) noexcept : queue_(&queue) {}
+  explicit BulkExecutor(BulkQueue& queue, std::shared_ptr<const std::atomic<bool>> urgent = nullptr) noexcept
+      : queue_(&queue), urgent_(std::move(urgent)) {}
 
   asio::execution_context& query(asio::execution::context_t) const noexcept { return queue_->context(); }
   static constexpr asio::execution::blocking_t query(asio::execution::blocking_t) noexcept {
@@ -92,14 +99,23 @@ class BulkExecutor {
 
   template <class F>
   void execute(F f) const {
-    queue_->push(std::move(f));
+    if (urgent_ && urgent_->load(std::memory_order_acquire)) {
+      // Wrapped, so that post() sees a plain function with no executor of
+      // its own to send it back to.
+      asio::post(queue_->context(), [f = std::move(f)]() mutable { std::move(f)(); });
+    } else {
+      queue_->push(std::move(f));
+    }
   }
 
-  friend bool operator==(const BulkExecutor& a, const BulkExecutor& b) noexcept { return a.queue_ == b.queue_; }
-  friend bool operator!=(const BulkExecutor& a, const BulkExecutor& b) noexcept { return a.queue_ != b.queue_; }
+  friend bool operator==(const BulkExecutor& a, const BulkExecutor& b) noexcept {
+    return a.queue_ == b.queue_ && a.urgent_ == b.urgent_;
+  }
+  friend bool operator!=(const BulkExecutor& a, const BulkExecutor& b) noexcept { return !(a == b); }
 
  private:
   BulkQueue* queue_;
+  std::shared_ptr<const std::atomic<bool>> urgent_;
 };
 
 // The loop of an io thread with a BulkQueue: everything ready on the

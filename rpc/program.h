@@ -78,6 +78,10 @@ struct CallState {
   Header header;
   std::string procedure_name;
   asio::any_io_executor executor;      // where the handler runs
+  // Set with the cancel: a stream handler's remaining work leaves the
+  // io thread's stream queue for its call queue (bulk_queue.h). Null for
+  // handlers not on a BulkExecutor.
+  std::shared_ptr<std::atomic<bool>> urgent;
   asio::cancellation_signal signal;    // emitted on `executor` only
   std::atomic<bool> finished{false};
   std::atomic<bool> cancel_requested{false};

@@ -51,6 +51,7 @@ void request_cancel(const std::shared_ptr<CallState>& state) {
     fn = std::move(state->on_cancel);
   }
   if (fn) fn();
+  if (state->urgent) state->urgent->store(true, std::memory_order_release);
   if (state->executor)
     asio::post(state->executor, [state] { state->signal.emit(asio::cancellation_type::terminal); });
 }
@@ -599,7 +600,10 @@ class Server::Impl::Session final : public FrameHandler,
     if (entry->may_block) {
       ex = asio::make_strand(server_->workers_);
     } else if (entry->opens_stream) {
-      if (BulkQueue* bulk = server_->bulk_for(ex)) ex = BulkExecutor(*bulk);
+      if (BulkQueue* bulk = server_->bulk_for(ex)) {
+        state->urgent = std::make_shared<std::atomic<bool>>(false);
+        ex = BulkExecutor(*bulk, state->urgent);
+      }
     }
     if (!entry->invoke(state, std::move(body), ex)) {
       // DESIGN.md: a body that does not parse is a protocol error. Say so to

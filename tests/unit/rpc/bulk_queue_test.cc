@@ -61,6 +61,28 @@ TEST(BulkQueue, WorkReadyOnTheIoContextRunsBeforeTheNextStreamStep) {
   EXPECT_EQ(order, "ScScSc");
 }
 
+TEST(BulkQueue, OnceUrgentAStreamsWorkGoesAheadOfQueuedStreamWork) {
+  Loop loop;
+  std::mutex mu;
+  std::string order;
+  std::promise<void> done;
+  auto note = [&](char c) {
+    std::lock_guard lock(mu);
+    order += c;
+    if (order.size() == 5) done.set_value();
+  };
+  auto urgent = std::make_shared<std::atomic<bool>>(false);
+  const BulkExecutor busy(loop.bulk);
+  const BulkExecutor cancelled(loop.bulk, urgent);
+  for (int i = 0; i < 3; ++i) asio::post(busy, [&] { note('b'); });
+  asio::post(cancelled, [&] { note('1'); });  // queued before the cancel: waits its turn
+  urgent->store(true);                         // the call is cancelled
+  asio::post(cancelled, [&] { note('U'); });
+  loop.start();
+  ASSERT_EQ(done.get_future().wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(order, "Ubbb1");
+}
+
 TEST(BulkQueue, ABurstOfIoContextWorkStillLetsStreamWorkThrough) {
   Loop loop;
   std::atomic<bool> stream_ran{false};
