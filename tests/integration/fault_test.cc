@@ -281,6 +281,10 @@ TEST_F(FaultInjection, AClientSideResetDuringADownloadFreesTheDaemonsStream) {
     stats = probe.call_future<test::v1::Test::Stats>(test::v1::StatsCall{}).get();
     return stats.streams_open() == 0 && stats.clients() == 1;
   }, 10s)) << stats.DebugString();
+  // The close runs on the io thread: let it, before the thread stops
+  // (IoThreads::stop drops what is still queued).
+  probe.close();
+  io.finish(std::chrono::seconds(2));
 }
 
 TEST_F(FaultInjection, DelayedBytesOnlySlowATransfer) {
@@ -322,6 +326,8 @@ TEST_P(WireFault, IsCaughtByTlsAndNothingDamagedIsWritten) {
   EXPECT_TRUE(eventually([&] {
     return probe.call_future<test::v1::Test::Stats>(test::v1::StatsCall{}).get().streams_open() == 0;
   }, 10s));
+  probe.close();
+  io.finish(std::chrono::seconds(2));
   const PageCensus c = census(volume, 8 * MiB, kSeedOld, kSeedNew);
   EXPECT_EQ(c.other, 0u) << c.a << " old pages, " << c.b << " new";
   EXPECT_GT(c.a, 0u);  // the fault came before the end
