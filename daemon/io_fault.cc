@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "rpc/error.h"
+#include "rpc/fault.h"
 #include "rpc/units.h"
 
 namespace ferry::daemon {
@@ -64,15 +65,7 @@ IoFaultOptions IoFaultOptions::parse(std::string_view spec) {
     return Error(Code::invalid_argument, "bad volume fault spec \"" + whole + "\": " + why);
   };
   bool fails = false;  // errno, after, every or times given
-  while (!spec.empty()) {
-    const std::size_t comma = spec.find(',');
-    const std::string_view part = spec.substr(0, comma);
-    spec = comma == std::string_view::npos ? std::string_view{} : spec.substr(comma + 1);
-    if (part.empty()) continue;
-    const std::size_t eq = part.find('=');
-    if (eq == std::string_view::npos) throw bad("'" + std::string(part) + "' is not key=value");
-    const std::string key(part.substr(0, eq));
-    const std::string_view value = part.substr(eq + 1);
+  rpc::for_each_key_value(spec, [&](const std::string& key, std::string_view value) {
     auto count = [&]() {
       const auto n = parse_size(value);
       if (!n) throw bad(key + "=" + std::string(value) + " is not a count (like 3 or 8M)");
@@ -115,7 +108,7 @@ IoFaultOptions IoFaultOptions::parse(std::string_view spec) {
     } else {
       throw bad("unknown key '" + key + "' (op, errno, after, every, times, volume, delay)");
     }
-  }
+  }, bad);
   if (fails && o.error == 0) o.error = EIO;
   return o;
 }

@@ -24,15 +24,7 @@ FaultOptions FaultOptions::parse(std::string_view spec) {
   auto bad = [&](const std::string& why) {
     return Error(Code::invalid_argument, "bad fault spec \"" + whole + "\": " + why);
   };
-  while (!spec.empty()) {
-    const std::size_t comma = spec.find(',');
-    const std::string_view part = spec.substr(0, comma);
-    spec = comma == std::string_view::npos ? std::string_view{} : spec.substr(comma + 1);
-    if (part.empty()) continue;
-    const std::size_t eq = part.find('=');
-    if (eq == std::string_view::npos) throw bad("'" + std::string(part) + "' is not key=value");
-    const std::string key(part.substr(0, eq));
-    const std::string_view value = part.substr(eq + 1);
+  for_each_key_value(spec, [&](const std::string& key, std::string_view value) {
     auto count = [&]() {
       const auto n = parse_size(value);
       if (!n) throw bad(key + "=" + std::string(value) + " is not a count (like 4096 or 1M)");
@@ -65,7 +57,7 @@ FaultOptions FaultOptions::parse(std::string_view spec) {
     } else {
       throw bad("unknown key '" + key + "' (delay, corrupt_every, drop_every, reset_after, direction, seed)");
     }
-  }
+  }, bad);
   return o;
 }
 

@@ -76,4 +76,20 @@ class FaultInjector {
   FaultCounts counts_;
 };
 
+// Walks a fault spec "key=value,key=value" (empty parts skipped), calling
+// fn(key, value) for each pair; a part without '=' is thrown as
+// bad("'part' is not key=value"). Shared by the transport and volume specs.
+template <class Fn, class Bad>
+void for_each_key_value(std::string_view spec, Fn&& fn, Bad&& bad) {
+  while (!spec.empty()) {
+    const std::size_t comma = spec.find(',');
+    const std::string_view part = spec.substr(0, comma);
+    spec = comma == std::string_view::npos ? std::string_view{} : spec.substr(comma + 1);
+    if (part.empty()) continue;
+    const std::size_t eq = part.find('=');
+    if (eq == std::string_view::npos) throw bad("'" + std::string(part) + "' is not key=value");
+    fn(std::string(part.substr(0, eq)), part.substr(eq + 1));
+  }
+}
+
 }  // namespace ferry::rpc
