@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,7 @@
 #include "daemon/metrics_http.h"
 #include "daemon/migration.h"
 #include "daemon/nbd_service.h"
+#include "daemon/socket_activation.h"
 #include "daemon/test_service.h"
 #include "daemon/volumes.h"
 #include "rpc/server.h"
@@ -287,16 +289,30 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "ferryd: %s\n", e.message().c_str());
     return 2;
   }
-  if (print_config) {
-    std::fputs(ferry::daemon::to_toml(config).c_str(), stdout);
-    return 0;
-  }
   try {
     options.unix_socket_mode = static_cast<unsigned>(std::stoul(unix_mode, nullptr, 8));
   } catch (const std::exception&) {
     std::fprintf(stderr, "--unix-socket-mode: '%s' is not an octal mode\n", unix_mode.c_str());
     return 2;
   }
+  if (print_config) {
+    std::fputs(ferry::daemon::to_toml(config).c_str(), stdout);
+    return 0;
+  }
+
+  // Sockets systemd passed (socket activation): they replace daemon.listen
+  // (unix, tcp, tls) and nbd.listen (nbd). Taken while this is the only
+  // thread, as it edits the environment.
+  std::vector<ferry::daemon::HandedSocket> handed;
+  try {
+    handed = ferry::daemon::sockets_from_systemd();
+  } catch (const ferry::Error& e) {
+    std::fprintf(stderr, "ferryd: %s\n", e.message().c_str());
+    return 2;
+  }
+  using Role = ferry::daemon::HandedSocket::Role;
+  const bool handed_ferry = std::any_of(handed.begin(), handed.end(), [](const auto& h) { return h.role != Role::nbd; });
+  const bool handed_nbd = std::any_of(handed.begin(), handed.end(), [](const auto& h) { return h.role == Role::nbd; });
 
   // Signals are taken synchronously by the main thread only; block them
   // before any other thread exists so they all inherit the mask.
@@ -333,13 +349,30 @@ int main(int argc, char** argv) {
     if (config.volumes.fault.any())
       spdlog::warn("fault injection on volume I/O: {}", config.volumes.fault.describe());
     std::vector<ferry::rpc::Endpoint> bound;
-    for (const auto& l : config.listen) bound.push_back(server.listen(ferry::rpc::Endpoint::parse(l)));
+    std::vector<ferry::rpc::Endpoint> nbd_bound;
+    if (!handed.empty()) {
+      std::string names;
+      for (const auto& h : handed) names += (names.empty() ? "" : ", ") + std::to_string(h.fd) + "=" + to_string(h.role);
+      spdlog::info("socket activation: systemd passed {} socket(s) ({}){}{}", handed.size(), names,
+                   handed_ferry ? "; daemon.listen is not bound" : "", handed_nbd ? "; nbd.listen is not bound" : "");
+    }
+    for (const auto& h : handed) {
+      switch (h.role) {
+        case Role::unix_socket: bound.push_back(server.adopt(h.fd, ferry::rpc::Endpoint::Kind::unix_socket)); break;
+        case Role::tcp: bound.push_back(server.adopt(h.fd, ferry::rpc::Endpoint::Kind::tcp)); break;
+        case Role::tls: bound.push_back(server.adopt(h.fd, ferry::rpc::Endpoint::Kind::tls)); break;
+        case Role::nbd: nbd_bound.push_back(nbd.adopt(server, h.fd)); break;
+      }
+    }
+    if (!handed_ferry)
+      for (const auto& l : config.listen) bound.push_back(server.listen(ferry::rpc::Endpoint::parse(l)));
+    const std::size_t ferry_count = bound.size();
     if (config.admin.enabled) {
       std::string path = config.admin.socket;
       if (path.empty()) {
         path = ferry::daemon::default_admin_socket_path();
-        for (const auto& l : config.listen)
-          if (auto e = ferry::rpc::Endpoint::parse(l); e.kind == ferry::rpc::Endpoint::Kind::unix_socket) {
+        for (const auto& e : bound)
+          if (e.kind == ferry::rpc::Endpoint::Kind::unix_socket && !e.path.empty() && e.path.front() != '@') {
             path = ferry::daemon::admin_socket_beside(e.path);
             break;
           }
@@ -350,17 +383,23 @@ int main(int argc, char** argv) {
     if (!config.admin.metrics_listen.empty())
       metrics = std::make_unique<ferry::daemon::MetricsServer>(server.io_context(), config.admin.metrics_listen,
                                                                [&admin] { return admin.metrics_text(); });
-    std::vector<ferry::rpc::Endpoint> nbd_bound;
-    for (const auto& l : config.nbd.listen) nbd_bound.push_back(nbd.listen(server, ferry::rpc::Endpoint::parse(l)));
+    if (!handed_nbd)
+      for (const auto& l : config.nbd.listen) nbd_bound.push_back(nbd.listen(server, ferry::rpc::Endpoint::parse(l)));
     server.start();
     if (metrics) metrics->start();
     nbd.open_exports(server);
     spdlog::info("NBD: {}", nbd.describe());
     // The ready file lists the ferry listeners, then the plain NBD ones.
     for (auto& e : nbd_bound) bound.push_back(e);
-    if (!ready_file.empty()) write_ready_file(ready_file, bound, config.listen.size());
+    if (!ready_file.empty()) write_ready_file(ready_file, bound, ferry_count);
     spdlog::info("ferryd ready ({} io threads{})", options.io_threads ? options.io_threads : std::thread::hardware_concurrency(),
                  test_service ? ", test program enabled" : "");
+    {
+      std::string listening;
+      for (std::size_t i = 0; i < bound.size(); ++i)
+        listening += (listening.empty() ? "" : " ") + std::string(i < ferry_count ? "" : "nbd-") + bound[i].to_string();
+      ferry::daemon::notify_ready("serving " + listening);
+    }
     int sig = 0;
     for (;;) {
       sigwait(&signals, &sig);
@@ -373,6 +412,7 @@ int main(int argc, char** argv) {
       }
     }
     spdlog::info("received {}, shutting down (grace {} ms)", sig == SIGTERM ? "SIGTERM" : "SIGINT", shutdown_grace_ms);
+    ferry::daemon::notify_stopping();
     if (metrics) metrics->stop();
     nbd.shutdown(std::chrono::milliseconds(shutdown_grace_ms));
     migration.shutdown(std::chrono::milliseconds(std::min(shutdown_grace_ms, 2000u)));

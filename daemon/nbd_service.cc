@@ -25,6 +25,7 @@
 #include "nbd/memory_backend.h"
 #include "nbd/remote_backend.h"
 #include "nbd/stream_pipe.h"
+#include "rpc/socket_handover.h"
 #include "rpc/socket_transport.h"
 #include "rpc/units.h"
 #include "stream/service.h"
@@ -423,6 +424,48 @@ class NbdService::Listener {
     return bound;
   }
 
+  rpc::Endpoint adopt(rpc::Server& server, int fd) {
+    server_ = &server;
+    int family = -1;
+    try {
+      family = rpc::listening_stream_family(fd);
+    } catch (...) {
+      ::close(fd);
+      throw;
+    }
+    std::error_code ec;
+    if (family == AF_UNIX) {
+      auto a = std::make_shared<asio::local::stream_protocol::acceptor>(server.io_context());
+      a->assign(asio::local::stream_protocol(), fd, ec);
+      if (ec) {
+        ::close(fd);
+        throw nbd_error(Code::unavailable, "cannot serve NBD on descriptor " + std::to_string(fd) + ": " + ec.message());
+      }
+      const auto local = a->local_endpoint(ec);
+      rpc::Endpoint bound = rpc::Endpoint::unix_socket(ec ? std::string() : local.path());
+      unix_.push_back(a);
+      spdlog::info("listening for plain NBD on {} (socket handed over as descriptor {}; NBD has no authentication)",
+                   bound.to_string(), fd);
+      return bound;
+    }
+    auto a = std::make_shared<asio::ip::tcp::acceptor>(server.io_context());
+    a->assign(family == AF_INET6 ? asio::ip::tcp::v6() : asio::ip::tcp::v4(), fd, ec);
+    if (ec) {
+      ::close(fd);
+      throw nbd_error(Code::unavailable, "cannot serve NBD on descriptor " + std::to_string(fd) + ": " + ec.message());
+    }
+    const auto local = a->local_endpoint(ec);
+    if (ec) throw nbd_error(Code::unavailable, "cannot serve NBD on descriptor " + std::to_string(fd) + ": " + ec.message());
+    rpc::Endpoint bound = rpc::Endpoint::tcp(local.address().to_string(), local.port());
+    tcp_.push_back(a);
+    if (!local.address().is_loopback())
+      spdlog::warn("plain NBD on {} is reachable from the network with no authentication or encryption; "
+                   "prefer `ferry nbd-serve` over a ferry+tls connection",
+                   bound.to_string());
+    spdlog::info("listening for plain NBD on {} (socket handed over as descriptor {})", bound.to_string(), fd);
+    return bound;
+  }
+
   void start() {
     for (auto& a : unix_) asio::co_spawn(a->get_executor(), accept_loop(a.get()), asio::detached);
     for (auto& a : tcp_) asio::co_spawn(a->get_executor(), accept_loop(a.get()), asio::detached);
@@ -560,6 +603,8 @@ nbd::ServerOptions NbdService::server_options() const {
 rpc::Endpoint NbdService::listen(rpc::Server& server, const rpc::Endpoint& endpoint) {
   return listener_->listen(server, endpoint);
 }
+
+rpc::Endpoint NbdService::adopt(rpc::Server& server, int fd) { return listener_->adopt(server, fd); }
 
 void NbdService::shutdown(std::chrono::milliseconds grace) { listener_->shutdown(grace); }
 

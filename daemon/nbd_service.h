@@ -49,6 +49,11 @@ class NbdService {
   // Plain NBD: binds `endpoint` (unix: or tcp:); connections are accepted
   // once start_listening() runs. Returns the bound endpoint.
   rpc::Endpoint listen(rpc::Server& server, const rpc::Endpoint& endpoint);
+  // The same for a socket already listening (systemd socket activation):
+  // an AF_UNIX or AF_INET/AF_INET6 stream socket, owned from then on (even
+  // when this throws) and never unlinked. Throws ferry::Error naming what
+  // the descriptor is when it is not such a socket.
+  rpc::Endpoint adopt(rpc::Server& server, int fd);
   // Closes the listeners and every plain NBD connection, then waits up to
   // `grace` for their sessions to end. Call before server.shutdown().
   void shutdown(std::chrono::milliseconds grace);

@@ -2,6 +2,7 @@
 
 #include <grp.h>
 #include <pwd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -15,7 +16,9 @@
 #include <asio/strand.hpp>
 #include <asio/thread_pool.hpp>
 #include <asio/use_awaitable.hpp>
+#include <cerrno>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <map>
@@ -30,6 +33,7 @@
 #include "rpc/bulk_queue.h"
 #include "rpc/connection.h"
 #include "rpc/hello.h"
+#include "rpc/socket_handover.h"
 #include "rpc/socket_transport.h"
 #include "rpc/tls.h"
 #if FERRY_HAVE_GRPC
@@ -1192,6 +1196,68 @@ Endpoint Server::listen(const Endpoint& endpoint) {
   if (impl_->auth_for(tls ? "tls" : "tcp") == AuthMode::sasl) sasl_global_init();
   impl_->tcp_acceptors_.push_back(Impl::InetAcceptor{std::move(acceptor), tls});
   spdlog::info("listening on {} (auth {}{})", result.to_string(), to_string(impl_->auth_for(tls ? "tls" : "tcp")),
+               tls ? impl_->options_.tls.verify_peer ? ", client certificates required" : ", no client certificates"
+                   : "");
+  return result;
+}
+
+Endpoint Server::adopt(int fd, Endpoint::Kind kind) {
+  // Closes fd on every error path until an acceptor owns it.
+  struct Owned {
+    int fd;
+    ~Owned() {
+      if (fd >= 0) ::close(fd);
+    }
+    int release() { return std::exchange(fd, -1); }
+  } owned{fd};
+  const std::string which = "descriptor " + std::to_string(fd);
+  if (kind == Endpoint::Kind::grpc || kind == Endpoint::Kind::grpcs)
+    throw Error(Code::invalid_argument, which + ": gRPC listeners cannot be handed over, only unix, tcp and tls ones");
+  const int family = listening_stream_family(fd);
+  const bool want_unix = kind == Endpoint::Kind::unix_socket;
+  if (want_unix != (family == AF_UNIX))
+    throw Error(Code::invalid_argument, which + " is an " + socket_family_name(family) + " socket; a " +
+                                            (want_unix ? "unix" : kind == Endpoint::Kind::tls ? "tls" : "tcp") +
+                                            " listener needs " + (want_unix ? "an AF_UNIX" : "an AF_INET or AF_INET6") +
+                                            " one");
+  std::error_code ec;
+  if (want_unix) {
+    auto acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(impl_->io());
+    acceptor->assign(asio::local::stream_protocol(), fd, ec);
+    if (ec) throw Error(Code::unavailable, "cannot serve " + which + ": " + ec.message());
+    owned.release();
+    auto local = acceptor->local_endpoint(ec);
+    std::string path = ec ? std::string() : local.path();
+    if (!path.empty() && path.front() == '\0') path = "@" + path.substr(1);  // abstract socket
+    if (impl_->unix_allowed_uids_.empty()) {
+      for (const auto& u : impl_->options_.unix_allowed_users) {
+        auto uid = lookup_id(u, false);
+        if (!uid) throw Error(Code::invalid_argument, "unix_allowed_users: no such user '" + u + "'");
+        impl_->unix_allowed_uids_.push_back(*uid);
+      }
+    }
+    impl_->unix_acceptors_.push_back(std::move(acceptor));
+    Endpoint result = Endpoint::unix_socket(path);
+    spdlog::info("listening on {} (socket handed over as {})", result.to_string(), which);
+    return result;
+  }
+  auto acceptor = std::make_unique<asio::ip::tcp::acceptor>(impl_->io());
+  acceptor->assign(family == AF_INET6 ? asio::ip::tcp::v6() : asio::ip::tcp::v4(), fd, ec);
+  if (ec) throw Error(Code::unavailable, "cannot serve " + which + ": " + ec.message());
+  owned.release();
+  auto bound = acceptor->local_endpoint(ec);
+  if (ec) throw Error(Code::unavailable, "cannot serve " + which + ": " + ec.message());
+  Endpoint result = Endpoint::tcp(bound.address().to_string(), bound.port());
+  const bool tls = kind == Endpoint::Kind::tls;
+  if (tls) {
+    result.kind = Endpoint::Kind::tls;
+    std::lock_guard lock(impl_->tls_mutex_);
+    if (!impl_->tls_) impl_->tls_ = TlsContext::server(impl_->options_.tls);
+  }
+  if (impl_->auth_for(tls ? "tls" : "tcp") == AuthMode::sasl) sasl_global_init();
+  impl_->tcp_acceptors_.push_back(Impl::InetAcceptor{std::move(acceptor), tls});
+  spdlog::info("listening on {} (socket handed over as {}; auth {}{})", result.to_string(), which,
+               to_string(impl_->auth_for(tls ? "tls" : "tcp")),
                tls ? impl_->options_.tls.verify_peer ? ", client certificates required" : ", no client certificates"
                    : "");
   return result;

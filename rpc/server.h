@@ -174,6 +174,16 @@ class Server {
   // the real one). A stale UNIX socket file is replaced. Throws ferry::Error.
   Endpoint listen(const Endpoint& endpoint);
 
+  // Before start(). Serves a socket that is already bound and listening
+  // (systemd socket activation, docs/configuration.md): `kind` says how
+  // (unix_socket, tcp or tls, with that kind's auth mode, as listen()
+  // would). The server owns `fd` from then on (even when this throws) and
+  // never unlinks a UNIX socket's path, which belongs to whoever bound it;
+  // the socket's mode and group are left as they are. Throws
+  // ferry::Error(INVALID_ARGUMENT) when `fd` is not a listening stream
+  // socket of the family `kind` needs. Returns the endpoint it listens on.
+  Endpoint adopt(int fd, Endpoint::Kind kind);
+
   // Before start(). A program served only on the admin socket; a call to it
   // on any other listener is refused with PERMISSION_DENIED.
   void add_admin_program(std::shared_ptr<Program> program);
