@@ -42,11 +42,11 @@ except OSError:
     pass
 PYEOF
 }
-wait_exit() {  # wait_exit PID -> its exit status, within 20 s
+RC=""
+wait_exit() {  # wait_exit PID: its exit status in RC (not in a subshell: it must be our child)
   for _ in $(seq 400); do kill -0 "$1" 2>/dev/null || break; sleep 0.05; done
-  local rc=0
-  wait "$1" || rc=$?
-  echo "$rc"
+  RC=0
+  wait "$1" || RC=$?
 }
 COMMON=(--pool "default=$WORK/pool" --admin-socket "$WORK/admin.sock" --log-level info)
 
@@ -72,7 +72,8 @@ grep -q "socket activation: systemd passed 2 socket(s) (3=unix, 4=tcp); daemon.l
 [ "$(grep -c "listening on .*socket handed over" "$WORK/good.log")" = 2 ] || fail "ferryd did not serve both sockets"
 [ -S "$WORK/admin.sock" ] || fail "no admin socket"
 kill -TERM "$PID"
-[ "$(wait_exit "$PID")" = 0 ] || fail "ferryd did not stop cleanly"
+wait_exit "$PID"
+[ "$RC" = 0 ] || fail "ferryd did not stop cleanly (status $RC)"
 PID=""
 [ -S "$WORK/activated.sock" ] || fail "ferryd removed the socket it was handed (it belongs to systemd)"
 echo "ok: both sockets served, no own listeners, handed-over socket left in place"
@@ -88,10 +89,9 @@ expect_refusal() {  # expect_refusal NAME MESSAGE POKE systemd-socket-activate-a
     for _ in $(seq 100); do [ -e "${target#*:}" ] && break; sleep 0.05; done
   fi
   poke "$target"
-  local rc
-  rc=$(wait_exit "$PID")
+  wait_exit "$PID"
   PID=""
-  [ "$rc" = 2 ] || fail "$name: ferryd exited with $rc, expected 2"
+  [ "$RC" = 2 ] || fail "$name: ferryd exited with $RC, expected 2"
   grep -qF "$message" "$WORK/$name.log" || fail "$name: no message '$message'"
   [ ! -e "$WORK/own-$name.sock" ] || fail "$name: ferryd bound its own socket"
   echo "ok: $name -> $(grep -F "$message" "$WORK/$name.log")"
