@@ -4,7 +4,7 @@
 # binds the sockets, waits for the first client, then runs ferryd with
 # LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES.
 #   socket_activation_test.sh FERRYD FERRY
-# Checks: clients reach ferryd over the handed-over unix and tcp sockets;
+# Checks: clients reach ferryd over the handed-over unix, tcp and nbd sockets;
 # ferryd binds none of its configured addresses; a socket with an unknown
 # name, of the wrong family or of the wrong type stops ferryd (status 2)
 # with a message naming the socket.
@@ -50,10 +50,11 @@ wait_exit() {  # wait_exit PID: its exit status in RC (not in a subshell: it mus
 }
 COMMON=(--pool "default=$WORK/pool" --admin-socket "$WORK/admin.sock" --log-level info)
 
-echo "== unix + tcp handed over (--fdname=unix:tcp)"
+echo "== unix, tcp and nbd handed over (--fdname=unix:tcp:nbd)"
 PORT=$(free_port)
-systemd-socket-activate -l "$WORK/activated.sock" -l "127.0.0.1:$PORT" --fdname=unix:tcp \
-  "$FERRYD" --listen "unix:$WORK/own.sock" --listen "tcp:127.0.0.1:0" --auth-tcp none "${COMMON[@]}" \
+systemd-socket-activate -l "$WORK/activated.sock" -l "127.0.0.1:$PORT" -l "$WORK/nbd.sock" --fdname=unix:tcp:nbd \
+  "$FERRYD" --listen "unix:$WORK/own.sock" --listen "tcp:127.0.0.1:0" --nbd-listen "unix:$WORK/own-nbd.sock" \
+  --auth-tcp none "${COMMON[@]}" \
   --ready-file "$WORK/ready" >"$WORK/good.log" 2>&1 &
 PID=$!
 for _ in $(seq 100); do [ -S "$WORK/activated.sock" ] && break; sleep 0.05; done
@@ -61,13 +62,18 @@ for _ in $(seq 100); do [ -S "$WORK/activated.sock" ] && break; sleep 0.05; done
 "$FERRY" -c "ferry+tcp://127.0.0.1:$PORT" ping -n 2 || fail "ping over the handed-over tcp socket"
 "$FERRY" -c "ferry+tcp://127.0.0.1:$PORT" vol-create default/activated.img 1M || fail "vol-create over tcp"
 "$FERRY" -c "ferry+unix://$WORK/activated.sock" vol-info default/activated.img || fail "vol-info over unix"
+if command -v nbdinfo >/dev/null; then
+  nbdinfo --size "nbd+unix:///default/activated.img?socket=$WORK/nbd.sock" | grep -qx 1048576 ||
+    fail "plain NBD over the handed-over nbd socket"
+fi
 for _ in $(seq 100); do [ -f "$WORK/ready" ] && break; sleep 0.05; done
-printf 'unix:%s\ntcp:127.0.0.1:%s\n' "$WORK/activated.sock" "$PORT" | diff - "$WORK/ready" ||
-  fail "the ready file does not list exactly the two handed-over sockets"
+printf 'unix:%s\ntcp:127.0.0.1:%s\nnbd-unix:%s\n' "$WORK/activated.sock" "$PORT" "$WORK/nbd.sock" | diff - "$WORK/ready" ||
+  fail "the ready file does not list exactly the three handed-over sockets"
 [ ! -e "$WORK/own.sock" ] || fail "ferryd bound its configured unix socket although systemd passed sockets"
-grep -q "socket activation: systemd passed 2 socket(s) (3=unix, 4=tcp); daemon.listen is not bound" "$WORK/good.log" ||
+[ ! -e "$WORK/own-nbd.sock" ] || fail "ferryd bound its configured NBD socket although systemd passed one"
+grep -q "socket activation: systemd passed 3 socket(s) (3=unix, 4=tcp, 5=nbd); daemon.listen is not bound; nbd.listen is not bound" "$WORK/good.log" ||
   fail "ferryd did not log the handed-over sockets"
-[ "$(grep "listening on" "$WORK/good.log" | grep -vc "socket handed over")" = 0 ] ||
+[ "$(grep "listening on\|listening for plain NBD on" "$WORK/good.log" | grep -vc "socket handed over")" = 0 ] ||
   fail "ferryd listened on an address of its own"
 [ "$(grep -c "listening on .*socket handed over" "$WORK/good.log")" = 2 ] || fail "ferryd did not serve both sockets"
 [ -S "$WORK/admin.sock" ] || fail "no admin socket"
@@ -76,7 +82,8 @@ wait_exit "$PID"
 [ "$RC" = 0 ] || fail "ferryd did not stop cleanly (status $RC)"
 PID=""
 [ -S "$WORK/activated.sock" ] || fail "ferryd removed the socket it was handed (it belongs to systemd)"
-echo "ok: both sockets served, no own listeners, handed-over socket left in place"
+[ "$(grep -c "listening for plain NBD on .*socket handed over" "$WORK/good.log")" = 1 ] || fail "ferryd did not serve the nbd socket"
+echo "ok: all three sockets served, no own listeners, handed-over socket left in place"
 
 expect_refusal() {  # expect_refusal NAME MESSAGE POKE systemd-socket-activate-args...
   local name=$1 message=$2 target=$3
