@@ -18,6 +18,7 @@
 #include <thread>
 
 #include "client/cli/admin.h"
+#include "client/cli/complete.h"
 #include "client/cli/jobs.h"
 #include "client/cli/output.h"
 #include "client/nbd_bridge.h"
@@ -600,6 +601,14 @@ int main(int argc, char** argv) {
   admin_cancel->add_option("--reason", admin_req.reason, "added to what the client is told");
   admin_verbs[admin_cancel] = AV::cancel;
 
+  if (argc >= 2 && std::string(argv[1]) == ferry::cli::kCompleteVerb) {
+    if (argc < 4) {
+      std::fprintf(stderr, "usage: ferry %s CUR LINE (for shell completion)\n", ferry::cli::kCompleteVerb);
+      return Exit::usage;
+    }
+    for (const auto& c : ferry::cli::complete(app, argv[2], argv[3], uri)) std::printf("%s\n", c.c_str());
+    return 0;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
