@@ -63,6 +63,8 @@ def verbs_of(text):
 def verb_section(program, words):
     """roff for `program WORDS... --help`."""
     description, usage, sections, order = parse_help(run([program] + words + ["--help"]))
+    if usage.startswith(program):  # CLI11 prints argv[0]: the build's path
+        usage = "ferry" + usage[len(program):]
     out = [".SS \"%s\"" % roff(" ".join(["ferry"] + words))]
     out += [roff(" ".join(description)), ".PP", ".B Usage:", roff(usage)]
     for name in order:
