@@ -406,7 +406,8 @@ int main(int argc, char** argv) {
   app.add_option("--progress-fd", g.progress_fd,
                  "write the JSON progress lines to this open file descriptor instead of stderr (implies "
                  "--progress=json)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(CLI::NonNegativeNumber)
+      ->default_str("");  // none: no default to show
   ferry::rpc::ClientOptions options;
   options.name = "ferry-cli";
   app.add_option("--tls-ca", options.tls.ca_file, "PEM CAs to check the server's certificate against (default: system)");

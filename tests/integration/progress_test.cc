@@ -152,6 +152,48 @@ TEST_F(ProgressJsonTest, CopyToALocalFileReportsProgress) {
   EXPECT_EQ(file_hash(file("copy.img")), file_hash(file("disk.img")));
 }
 
+TEST_F(ProgressJsonTest, CopyJobBetweenDaemonsReportsProgress) {
+  make_file(file("disk.img"), kSize, kExtents, 11);
+  ASSERT_EQ(ferry({"--progress=none", "vol-upload", "--create", "default/from", file("disk.img")}), 0);
+  // The daemon copies to itself: the job runs as it would between two.
+  ASSERT_EQ(ferry({"--progress=json", "vol-copy", "default/from", d_.unix_uri() + "/default/to"}), 0)
+      << slurp(err_path());
+  check_lines(slurp(err_path()), "copy", "default/from", kSize);
+  EXPECT_EQ(file_hash(d_.pool_dir() + "/to"), file_hash(file("disk.img")));
+}
+
+TEST_F(ProgressJsonTest, UploadFromStdinHasNoTotalUntilTheEnd) {
+  make_file(file("disk.img"), kSize, kExtents, 12);
+  ASSERT_EQ(ferry({"vol-create", "default/pipe", std::to_string(kSize)}), 0) << slurp(err_path());
+  // Through a pipe: no size to find out beforehand.
+  ASSERT_EQ(run_command({"/bin/sh", "-c",
+                         "cat " + sh_quote(file("disk.img")) + " | " + sh_quote(ferry_cli_path()) + " -c " +
+                             sh_quote(d_.unix_uri()) +
+                             " --progress=json vol-upload default/pipe - >" + sh_quote(out_path()) +
+                             " 2>" + sh_quote(err_path())},
+                        nullptr),
+            0)
+      << slurp(err_path());
+  const auto lines = lines_of(slurp(err_path()));
+  ASSERT_FALSE(lines.empty());
+  double bytes_before = -1;
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    Struct s;
+    ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(lines[i], &s).ok()) << lines[i];
+    const bool final_line = i + 1 == lines.size();
+    EXPECT_EQ(s.fields().at("finished").bool_value(), final_line) << lines[i];
+    EXPECT_GE(number(s, "bytes"), bytes_before) << lines[i];
+    bytes_before = number(s, "bytes");
+    EXPECT_EQ(number(s, "data_bytes") + number(s, "hole_bytes"), bytes_before) << lines[i];
+    if (final_line) {
+      EXPECT_EQ(number(s, "total"), static_cast<double>(kSize)) << lines[i];
+      EXPECT_EQ(number(s, "bytes"), static_cast<double>(kSize)) << lines[i];
+    } else {
+      EXPECT_EQ(s.fields().at("total").kind_case(), Value::kNullValue) << "total unknown while reading: " << lines[i];
+    }
+  }
+}
+
 TEST_F(ProgressJsonTest, BadProgressFdIsAUsageError) {
   EXPECT_EQ(ferry({"--progress-fd=9", "pool-list"}), 2);
   EXPECT_NE(slurp(err_path()).find("--progress-fd 9: not an open file descriptor"), std::string::npos)
