@@ -343,7 +343,6 @@ class Copy {
   void done(std::uint64_t i, const Digest& d, bool skipped) {
     std::lock_guard lock(mutex_);
     digests_[i] = d;
-    done_ += length(i);
     if (skipped) skipped_ += length(i);
   }
   void moved(std::uint64_t n, bool hole) {
@@ -388,7 +387,9 @@ class Copy {
     std::lock_guard lock(mutex_);
     Progress p;
     p.total = capacity_;
-    p.done = done_;
+    // Bytes moved (data and holes) or verified in place: it grows with every
+    // chunk, rather than once per finished extent.
+    p.done = data_ + holes_ + skipped_;
     p.data_bytes = data_;
     p.hole_bytes = holes_;
     p.elapsed = Clock::now() - started_;
@@ -407,7 +408,7 @@ class Copy {
   std::deque<std::uint64_t> todo_;
   std::set<std::shared_ptr<stream::Stream>> active_;
   std::map<std::uint64_t, Digest> digests_;
-  std::uint64_t done_ = 0, data_ = 0, holes_ = 0, skipped_ = 0;
+  std::uint64_t data_ = 0, holes_ = 0, skipped_ = 0;
   Clock::time_point next_send_{};
 };
 

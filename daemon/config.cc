@@ -394,3 +394,212 @@ std::string to_toml(const DaemonConfig& c) {
 }
 
 }  // namespace ferry::daemon
+
+namespace ferry::daemon {
+
+// One line per key parse_config() reads; the unit tests fail when the two
+// lists differ, or when a default here is not the one default_config() has.
+const std::vector<ConfigKey>& config_reference() {
+  static const std::vector<ConfigKey> keys = {
+      {"daemon", "listen", "list of strings", "", "one unix: socket, $XDG_RUNTIME_DIR/ferry/ferryd.sock (or ./var/ferryd.sock)",
+       "addresses to listen on: unix:/path, tcp:host:port, tls:host:port, grpc:host:port, grpcs:host:port "
+       "(--listen, repeatable, replaces the list)",
+       "[\"unix:/run/ferry/ferryd.sock\", \"tcp:127.0.0.1:16509\"]"},
+      {"daemon", "log_level", "string", "\"info\"", "", "trace, debug, info, warn, error, critical or off (--log-level)", ""},
+      {"daemon", "io_threads", "integer", "0", "one per core",
+       "threads running every connection and coroutine handler (--io-threads)", ""},
+      {"daemon", "worker_threads", "integer", "4", "", "threads for handlers that may block (--worker-threads)", ""},
+      {"daemon", "calls_before_streams", "boolean", "true", "",
+       "stream handlers' work waits while calls and frames are ready on their io thread (--no-calls-before-streams "
+       "turns it off)",
+       ""},
+      {"daemon", "shutdown_grace_ms", "integer", "5000", "",
+       "milliseconds calls in flight may take to finish after SIGTERM (--shutdown-grace)", ""},
+      {"daemon", "test_service", "boolean", "false", "", "serve the test program 99 (--test-service)", ""},
+
+      {"unix", "socket_mode", "string", "\"0600\"", "", "permissions of unix: sockets, octal (--unix-socket-mode)", ""},
+      {"unix", "socket_group", "string", "\"\"", "ferryd's group", "group owning unix: sockets (--unix-socket-group)",
+       "\"ferry\""},
+      {"unix", "allowed_users", "list of strings", "[]", "anyone who can open the socket",
+       "user names or uids let in, checked with SO_PEERCRED (--unix-allowed-user)", "[\"root\", \"1000\"]"},
+      {"unix", "auth", "string", "\"none\"", "", "none (peer credentials) or sasl, on unix: listeners (--auth-unix)", ""},
+
+      {"tcp", "auth", "string", "\"sasl\"", "", "sasl or none, on tcp: and grpc: listeners (--auth-tcp)", ""},
+
+      {"tls", "auth", "string", "\"none\"", "",
+       "none or sasl, on tls: and grpcs: listeners, beyond the client certificate (--auth-tls)", ""},
+      {"tls", "ca_file", "string", "\"\"", "", "PEM file of the CAs client certificates must chain to (--tls-ca)",
+       "\"/etc/ferry/ca.pem\""},
+      {"tls", "cert_file", "string", "\"\"", "",
+       "PEM server certificate (and chain); tls: and grpcs: listeners need it (--tls-cert)", "\"/etc/ferry/server.pem\""},
+      {"tls", "key_file", "string", "\"\"", "", "PEM private key of cert_file (--tls-key)", "\"/etc/ferry/server.key\""},
+      {"tls", "verify_client", "boolean", "true", "",
+       "require a client certificate signed by ca_file (--tls-no-verify-client turns it off)", ""},
+      {"tls", "allowed_dn", "list of strings", "[]", "any certificate the CA signed",
+       "globs over the client certificate's subject in RFC 2253 form (--tls-allowed-dn)", "[\"CN=backup*,O=example\"]"},
+      {"tls", "min_version", "string", "\"1.3\"", "", "1.2 admits TLS 1.2 clients too (--tls-min-version)", ""},
+      {"tls", "ciphersuites", "string", "\"\"", "OpenSSL's", "TLS 1.3 cipher suites, in OpenSSL's syntax", ""},
+
+      {"sasl", "mechanisms", "list of strings", "[\"SCRAM-SHA-256\"]", "",
+       "mechanisms offered, if installed; PLAIN and LOGIN only ever over TLS (--sasl-mechanisms)", ""},
+      {"sasl", "db", "string", "\"\"", "Cyrus's /etc/sasldb2", "the sasldb made with saslpasswd2 (--sasl-db)",
+       "\"/etc/ferry/sasldb2\""},
+      {"sasl", "realm", "string", "\"\"", "the host name", "realm the users were added under (--sasl-realm)", ""},
+      {"sasl", "allowed_users", "list of strings", "[]", "anyone in the database",
+       "globs over the authenticated user name (--sasl-allowed-user)", "[\"backup-*\"]"},
+      {"sasl", "min_ssf", "integer", "0", "",
+       "without TLS, the least protection a mechanism must give; 56 or more demands a security layer (--sasl-min-ssf)",
+       ""},
+
+      {"limits", "max_clients", "integer", "1024", "", "connections at once (--max-clients)", ""},
+      {"limits", "max_unauthenticated_clients", "integer", "64", "",
+       "connections still in the TLS handshake, Hello or SASL (--max-unauthenticated-clients)", ""},
+      {"limits", "max_calls_per_client", "integer", "16384", "", "calls in flight per connection (--max-calls-per-client)",
+       ""},
+      {"limits", "max_streams_per_client", "integer", "64", "", "streams open per connection (--max-streams-per-client)",
+       ""},
+      {"limits", "max_calls", "integer", "65536", "", "calls in flight across all connections (--max-calls)", ""},
+      {"limits", "max_streams", "integer", "1024", "", "streams open across all connections (--max-streams)", ""},
+      {"limits", "max_buffered_bytes_per_client", "integer", "67108864", "64 MiB",
+       "bytes queued for a client that does not read them before the daemon stops reading from it; 0: no bound "
+       "(--max-buffered-bytes-per-client)",
+       ""},
+      {"limits", "max_buffered_bytes", "integer", "1073741824", "1 GiB",
+       "pooled frame buffers held across all clients before new calls are refused as overloaded; 0: no bound "
+       "(--max-buffered-bytes)",
+       ""},
+      {"limits", "max_frame", "integer", "33554432", "32 MiB",
+       "largest CALL, REPLY or MESSAGE body, 64 KiB up to the protocol's ceiling (--max-frame)", ""},
+      {"limits", "auth_timeout_ms", "integer", "10000", "",
+       "milliseconds from accept to the end of authentication (--auth-timeout)", ""},
+      {"limits", "idle_timeout_ms", "integer", "0", "never",
+       "milliseconds a connection may sit with nothing in flight before it is closed (--idle-timeout)", ""},
+
+      {"keepalive", "interval_ms", "integer", "5000", "",
+       "milliseconds of silence before a keepalive probe; 0: off (--keepalive-interval)", ""},
+      {"keepalive", "count", "integer", "3", "",
+       "unanswered probes before a peer is declared dead (--keepalive-count)", ""},
+
+      {"volumes", "file_io", "string", "\"io_uring\"", "",
+       "io_uring, or threads to do volume I/O on a thread pool; io_uring falls back to threads by itself where the "
+       "kernel refuses it (--file-io)",
+       ""},
+      {"volumes", "file_io_threads", "integer", "4", "",
+       "threads for blocking file work (opening, hole maps, truncation; all I/O with threads)", ""},
+      {"volumes", "io_depth", "integer", "8", "",
+       "file operations in flight per stream (read-ahead of downloads, writes behind of uploads)", ""},
+
+      {"fault", "transport", "string", "\"\"", "none",
+       "faults injected into every accepted connection's bytes: delay, corrupt_every, drop_every, reset_after, "
+       "direction, seed; for reproducing problems, never in production (--fault-transport)",
+       "\"delay=1ms\""},
+      {"fault", "volume", "string", "\"\"", "none",
+       "volume file operations failed with an errno or delayed: op, errno, after, every, times, volume, delay "
+       "(--fault-volume)",
+       "\"op=write,errno=EIO,after=100\""},
+
+      {"migration", "extent_size", "integer", "67108864", "64 MiB",
+       "a copy's unit of commit, verification and resume; a multiple of 4096", ""},
+      {"migration", "parallel", "integer", "8", "", "extents in flight per copy, each an upload stream to the destination",
+       ""},
+      {"migration", "window", "integer", "4194304", "4 MiB",
+       "stream credit window this daemon proposes to destinations (they may grant less)", ""},
+      {"migration", "tls_ca", "string", "\"\"", "the system's CAs",
+       "PEM CAs this daemon, as a copy's source, checks destinations' certificates against", "\"/etc/ferry/ca.pem\""},
+      {"migration", "tls_cert", "string", "\"\"", "", "client certificate shown to destinations",
+       "\"/etc/ferry/client.pem\""},
+      {"migration", "tls_key", "string", "\"\"", "", "private key of tls_cert", "\"/etc/ferry/client.key\""},
+      {"migration", "sasl_user", "string", "\"\"", "", "SASL user name for destinations that ask", "\"migrator\""},
+      {"migration", "sasl_password_file", "string", "\"\"", "", "file whose first line is the SASL password",
+       "\"/etc/ferry/migrator.password\""},
+
+      {"admin", "enabled", "boolean", "true", "", "serve the admin socket (--no-admin turns it off)", ""},
+      {"admin", "socket", "string", "\"\"", "ferryd-admin.sock beside the first unix: listener",
+       "the admin socket, mode 0600, for uid 0 and ferryd's own uid only (--admin-socket)",
+       "\"/run/ferry/ferryd-admin.sock\""},
+      {"admin", "metrics_listen", "string", "\"\"", "off",
+       "HOST:PORT of the Prometheus endpoint, GET /metrics (--metrics-listen)", "\"127.0.0.1:9109\""},
+
+      {"nbd", "listen", "list of strings", "[]", "",
+       "plain NBD listeners, unix:/path (mode 0600) or tcp:host:port; NBD has no authentication, so prefer ferry "
+       "nbd-serve across machines (--nbd-listen, repeatable, replaces the list)",
+       "[\"unix:/run/ferry/nbd.sock\"]"},
+      {"nbd", "max_in_flight", "integer", "4096", "", "NBD requests in flight per NBD connection (--nbd-max-in-flight)",
+       ""},
+      {"nbd", "buffer_bytes", "integer", "268435456", "256 MiB",
+       "payload bytes all NBD connections hold at once; beyond it ferryd stops reading requests until replies go out "
+       "(--nbd-buffer-bytes)",
+       ""},
+      {"nbd", "max_request", "integer", "33554432", "32 MiB",
+       "largest NBD READ or WRITE, advertised as the maximum block size", ""},
+
+      {"nbd.export", "name", "string", "", "none: no extra exports",
+       "an extra NBD export beside the volumes: its name (--nbd-export NAME=BACKEND, repeatable, adds to the list)",
+       "\"scratch\""},
+      {"nbd.export", "backend", "string", "", "",
+       "memory:SIZE, null:SIZE, nbd:URI (a remote NBD server such as qemu-nbd or nbdkit) or volume:POOL/NAME, "
+       "optionally followed by ,delay=DURATION and ,ro",
+       "\"memory:1G\""},
+
+      {"pool", "name", "string", "", "one pool, default, beside the socket",
+       "a storage pool's name: a directory of volume files; it may not contain / or start with . (--pool "
+       "NAME=DIR[:ro], repeatable, replaces the list)",
+       "\"default\""},
+      {"pool", "path", "string", "", "", "the pool's directory, created if missing", "\"/var/lib/ferry/default\""},
+      {"pool", "read_only", "boolean", "false", "", "serve the pool's volumes read-only", ""},
+  };
+  return keys;
+}
+
+bool is_table_array(const std::string& section) { return section == "pool" || section == "nbd.export"; }
+
+namespace {
+
+std::string section_header(const std::string& section) {
+  return is_table_array(section) ? "[[" + section + "]]" : "[" + section + "]";
+}
+std::string example_of(const ConfigKey& k) { return *k.example ? k.example : k.default_toml; }
+
+}  // namespace
+
+std::string config_reference_text(const std::string& format) {
+  const auto& keys = config_reference();
+  std::string out;
+  if (format == "tsv") {
+    out = "section\tkey\ttype\tdefault\tdefault_note\tmeaning\n";
+    for (const auto& k : keys)
+      out += section_header(k.section) + "\t" + k.key + "\t" + k.type + "\t" + k.default_toml + "\t" + k.default_note +
+             "\t" + k.meaning + "\n";
+    return out;
+  }
+  if (format == "toml") {
+    out = "# Every ferryd setting, each set to an example value (ferryd --help-config=toml).\n";
+    std::string current;
+    for (const auto& k : keys) {
+      if (k.section != current) {
+        current = k.section;
+        out += "\n" + section_header(current) + "\n";
+      }
+      out += std::string(k.key) + " = " + example_of(k) + "\n";
+    }
+    return out;
+  }
+  if (format == "text") {
+    out = "ferryd configuration keys (TOML; docs/configuration.md, ferryd.conf(5)):\n";
+    std::string current;
+    for (const auto& k : keys) {
+      if (k.section != current) {
+        current = k.section;
+        out += "\n" + section_header(current) + "\n";
+      }
+      std::string def = *k.default_toml ? k.default_toml : "";
+      if (*k.default_note) def += std::string(def.empty() ? "" : " (") + k.default_note + (def.empty() ? "" : ")");
+      out += "  " + std::string(k.key) + " (" + k.type + (def.empty() ? "" : ", default " + def) + ")\n      " +
+             k.meaning + "\n";
+    }
+    return out;
+  }
+  throw Error(Code::invalid_argument, "--help-config: unknown format \"" + format + "\" (text, tsv or toml)", "config");
+}
+
+}  // namespace ferry::daemon

@@ -97,4 +97,25 @@ DaemonConfig parse_config(const std::string& toml_text, const std::string& sourc
 // again gives the same configuration.
 std::string to_toml(const DaemonConfig& config);
 
+// The configuration reference (ferryd --help-config, the ferryd.conf(5) man
+// page, docs/configuration.md): every key parse_config() accepts, one entry
+// each. Tests check it against the parser and against to_toml().
+struct ConfigKey {
+  const char* section;       // "daemon", "limits" ...; "pool", "nbd.export" are arrays of tables
+  const char* key;
+  const char* type;          // string, integer, boolean, list of strings
+  const char* default_toml;  // the default as a TOML value; "" when it depends on the machine or there is none
+  const char* default_note;  // what the default means, or what it is when default_toml is ""
+  const char* meaning;       // what it does, and the ferryd option that overrides it
+  const char* example;       // a TOML value parse_config() accepts ("": default_toml)
+};
+const std::vector<ConfigKey>& config_reference();
+bool is_table_array(const std::string& section);  // [[pool]], [[nbd.export]]
+
+// The reference printed as `format`: "text" (people), "tsv" (section, key,
+// type, default, meaning; one key per line, for the man page generator) or
+// "toml" (a configuration setting every key to its example value).
+// Throws ferry::Error (INVALID_ARGUMENT) for another format.
+std::string config_reference_text(const std::string& format);
+
 }  // namespace ferry::daemon

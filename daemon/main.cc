@@ -115,6 +115,13 @@ int main(int argc, char** argv) {
   app.add_option("--config", config_flag, "TOML configuration file (default: the embedded default)");
   bool print_config = false;
   app.add_flag("--print-config", print_config, "print the effective configuration as TOML and exit");
+  std::string help_config;
+  auto* help_config_opt =
+      app.add_option("--help-config", help_config,
+                     "print every configuration key with its type, default and meaning and exit; FORMAT text "
+                     "(default), tsv, or toml (every key set to an example value)")
+          ->expected(0, 1)
+          ->type_name("FORMAT");
   std::vector<std::string> listen;
   bool& test_service = config.test_service;
   std::string& log_level = config.log_level;
@@ -241,6 +248,15 @@ int main(int argc, char** argv) {
                  "HOST:PORT for the Prometheus endpoint (GET /metrics), e.g. 127.0.0.1:9470 (default: off)");
   app.add_option("--ready-file", ready_file, "write the bound addresses here, one per line, once listening");
   CLI11_PARSE(app, argc, argv);
+  if (help_config_opt->count()) {
+    try {
+      std::fputs(ferry::daemon::config_reference_text(help_config.empty() ? "text" : help_config).c_str(), stdout);
+    } catch (const ferry::Error& e) {
+      std::fprintf(stderr, "ferryd: %s\n", e.message().c_str());
+      return 2;
+    }
+    return 0;
+  }
 
   auto logger = spdlog::stderr_color_mt("ferryd");
   spdlog::set_default_logger(logger);

@@ -193,17 +193,26 @@ int run_local_copy(Session& session, const CopyRequest& request, const JobOutput
                : open_nbd_disk(local.uri, true, info.capacity());
   }
 
-  ProgressBar bar(out.progress, "copy " + (to_volume ? local.uri : remote.volume.pool + "/" + remote.volume.name));
+  ProgressBar bar(out.progress, to_volume ? "copy-to-volume" : "copy-from-volume",
+                  remote.volume.pool + "/" + remote.volume.name);
   LocalCopyResult done;
   try {
     auto progress = [&](const Progress& p) { bar.update(p); };
     done = to_volume ? copy_to_volume(session, *disk, remote.volume.pool, remote.volume.name, options, progress)
                      : copy_from_volume(session, remote.volume.pool, remote.volume.name, *disk, options, progress);
   } catch (...) {
-    bar.clear();
+    bar.fail();
     throw;
   }
-  bar.clear();
+  {
+    Progress end;  // the final report, if the copy did not make it
+    end.done = end.total = done.total_bytes;
+    end.data_bytes = done.data_bytes;
+    end.hole_bytes = done.hole_bytes;
+    end.elapsed = done.elapsed;
+    end.finished = true;
+    bar.finish(end);
+  }
   v1::JobStatus status;
   status.set_id(done.job);
   status.set_kind(to_volume ? "copy-to-volume" : "copy-from-volume");
@@ -278,7 +287,7 @@ int run_vol_copy(Session& session, const CopyRequest& request, const JobOutput& 
   v1::JobRef ref;
   ref.set_id(started.id());
   auto wait = client.call_future<v1::Migration::JobWait>(ref);
-  ProgressBar bar(out.progress, "copy " + request.source.volume.pool + "/" + request.source.volume.name);
+  ProgressBar bar(out.progress, "copy", request.source.volume.pool + "/" + request.source.volume.name);
   bool cancel_sent = false;
   try {
     while (wait.wait_for(std::chrono::milliseconds(100)) != std::future_status::ready) {
@@ -305,11 +314,25 @@ int run_vol_copy(Session& session, const CopyRequest& request, const JobOutput& 
       if (!client.is_open()) throw Error(Code::unavailable, "the connection to the source daemon closed", "client");
     }
   } catch (...) {
-    bar.clear();
+    bar.fail();
     throw;
   }
-  bar.clear();
   const v1::JobStatus done = wait.get();
+  {
+    Progress p;
+    p.done = done.done_bytes();
+    p.total = done.total_bytes();
+    p.data_bytes = done.data_bytes();
+    p.hole_bytes = done.hole_bytes();
+    p.elapsed = Clock::now() - started_at;
+    p.finished = done.state() == v1::JOB_COMPLETED;
+    if (p.finished) {
+      bar.finish(p);
+    } else {
+      bar.update(p);
+      bar.fail();
+    }
+  }
   if (done.state() != v1::JOB_COMPLETED) {
     if (out.json) std::printf("%s\n", job_json(done).str().c_str());
     throw Error(static_cast<Code>(done.error_code() ? done.error_code() : static_cast<std::uint32_t>(Code::unknown)),

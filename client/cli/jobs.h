@@ -44,7 +44,7 @@ struct CopyRequest {
 struct JobOutput {
   bool json = false;
   bool quiet = false;
-  bool progress = false;
+  ProgressOutput progress;
   std::function<bool()> interrupted;  // Ctrl-C: cancel the job
 };
 

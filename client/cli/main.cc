@@ -1,4 +1,5 @@
 // ferry: command-line client (docs/cli.md).
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -17,6 +18,7 @@
 #include <thread>
 
 #include "client/cli/admin.h"
+#include "client/cli/complete.h"
 #include "client/cli/jobs.h"
 #include "client/cli/output.h"
 #include "client/nbd_bridge.h"
@@ -37,7 +39,8 @@ double ms_since(Clock::time_point t) { return std::chrono::duration<double, std:
 struct Global {
   bool json = false;
   bool quiet = false;
-  std::string progress = "auto";  // auto, bar, none
+  std::string progress = "auto";  // auto, bar, json, none
+  int progress_fd = -1;           // --progress-fd: JSON lines to this descriptor
 };
 
 // Ctrl-C and SIGTERM: abort the running transfer (the daemon learns at
@@ -262,16 +265,28 @@ void print_volume(const ferry::v1::VolumeInfo& v, const Global& g) {
   if (!v.state_detail().empty()) std::printf("Detail:     %s\n", v.state_detail().c_str());
 }
 
-bool progress_enabled(const Global& g) {
-  if (g.quiet || g.progress == "none") return false;
-  if (g.progress == "bar") return true;
-  return ::isatty(STDERR_FILENO) != 0;
+// --progress and --progress-fd (docs/cli.md): JSON lines are asked for
+// explicitly, so --quiet does not silence them; the bar it does.
+ProgressOutput progress_output(const Global& g) {
+  ProgressOutput out;
+  if (g.progress == "json" || g.progress_fd >= 0) {
+    out.mode = ProgressOutput::Mode::json;
+    out.fd = g.progress_fd >= 0 ? g.progress_fd : STDERR_FILENO;
+  } else if (g.quiet || g.progress == "none") {
+    out.mode = ProgressOutput::Mode::none;
+  } else if (g.progress == "bar" || ::isatty(STDERR_FILENO) != 0) {
+    out.mode = ProgressOutput::Mode::bar;
+  }
+  return out;
 }
 
 void print_transfer(const char* verb, const VolumeName& vol, const std::string& path,
                     const ferry::TransferResult& r, const Global& g) {
   const double secs = std::chrono::duration<double>(r.elapsed).count();
   const std::uint64_t total = r.data_bytes + r.hole_bytes;
+  // A download to "-" has the volume's bytes on stdout: the summary goes
+  // to stderr.
+  std::FILE* out = std::string(verb) == "downloaded" && path == "-" ? stderr : stdout;
   if (g.json) {
     Json j;
     j.field("operation", verb)
@@ -284,11 +299,11 @@ void print_transfer(const char* verb, const VolumeName& vol, const std::string& 
         .field("seconds", secs)
         .field("bytes_per_second", secs > 0 ? static_cast<double>(total) / secs : 0.0);
     if (r.volume.capacity()) j.raw("volume", volume_json(r.volume).str());
-    print_line(j.str());
+    std::fprintf(out, "%s\n", j.str().c_str());
     return;
   }
   if (g.quiet) return;
-  std::printf("%s %s/%s %s %s: %s (%s data, %s holes) in %s, %s\n", verb, vol.pool.c_str(), vol.name.c_str(),
+  std::fprintf(out, "%s %s/%s %s %s: %s (%s data, %s holes) in %s, %s\n", verb, vol.pool.c_str(), vol.name.c_str(),
               std::string(verb) == "uploaded" ? "from" : "to", path.c_str(), human_size(total).c_str(),
               human_size(r.data_bytes).c_str(), human_size(r.hole_bytes).c_str(), human_duration(secs).c_str(),
               human_rate(secs > 0 ? static_cast<double>(total) / secs : 0).c_str());
@@ -384,8 +399,15 @@ int main(int argc, char** argv) {
   Global g;
   app.add_flag("--json", g.json, "print results as JSON (one object per line for events)");
   app.add_flag("-q,--quiet", g.quiet, "print nothing on success");
-  app.add_option("--progress", g.progress, "progress bar on stderr: auto (when it is a terminal), bar, none")
-      ->check(CLI::IsMember({"auto", "bar", "none"}));
+  app.add_option("--progress", g.progress,
+                 "transfer progress: auto (a bar on stderr when it is a terminal), bar, json (one JSON object per "
+                 "line on stderr, about ten a second and a final one), none")
+      ->check(CLI::IsMember({"auto", "bar", "json", "none"}));
+  app.add_option("--progress-fd", g.progress_fd,
+                 "write the JSON progress lines to this open file descriptor instead of stderr (implies "
+                 "--progress=json)")
+      ->check(CLI::NonNegativeNumber)
+      ->default_str("");  // none: no default to show
   ferry::rpc::ClientOptions options;
   options.name = "ferry-cli";
   app.add_option("--tls-ca", options.tls.ca_file, "PEM CAs to check the server's certificate against (default: system)");
@@ -580,6 +602,14 @@ int main(int argc, char** argv) {
   admin_cancel->add_option("--reason", admin_req.reason, "added to what the client is told");
   admin_verbs[admin_cancel] = AV::cancel;
 
+  if (argc >= 2 && std::string(argv[1]) == ferry::cli::kCompleteVerb) {
+    if (argc < 4) {
+      std::fprintf(stderr, "usage: ferry %s CUR LINE (for shell completion)\n", ferry::cli::kCompleteVerb);
+      return Exit::usage;
+    }
+    for (const auto& c : ferry::cli::complete(app, argv[2], argv[3], uri)) std::printf("%s\n", c.c_str());
+    return 0;
+  }
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -587,6 +617,20 @@ int main(int argc, char** argv) {
     return rc == 0 ? 0 : Exit::usage;
   }
   spdlog::set_level(spdlog::level::warn);
+  if (g.progress_fd >= 0) {
+    if (g.progress == "bar" || g.progress == "none") {
+      std::fprintf(stderr, "ferry: --progress-fd writes JSON lines; it goes with --progress=json (or no --progress)\n");
+      return Exit::usage;
+    }
+    if (::fcntl(g.progress_fd, F_GETFL) < 0) {
+      std::fprintf(stderr, "ferry: --progress-fd %d: not an open file descriptor\n", g.progress_fd);
+      return Exit::usage;
+    }
+    if (g.progress_fd == STDOUT_FILENO && *vol_download && file_arg == "-") {
+      std::fprintf(stderr, "ferry: --progress-fd 1: standard output carries the volume's data\n");
+      return Exit::usage;
+    }
+  }
   options.connection.keepalive_interval = std::chrono::milliseconds(keepalive_ms);
   try {
     options.fault = ferry::rpc::FaultOptions::parse(fault_spec);
@@ -720,7 +764,7 @@ int main(int argc, char** argv) {
         std::printf("resized %s/%s to %s\n", vol.pool.c_str(), vol.name.c_str(), human_size(info.capacity()).c_str());
     }
     if (*vol_upload || *vol_download) {
-      ProgressBar bar(progress_enabled(g), (*vol_upload ? "upload " : "download ") + vol.pool + "/" + vol.name);
+      ProgressBar bar(progress_output(g), *vol_upload ? "upload" : "download", vol.pool + "/" + vol.name);
       ferry::TransferResult result;
       try {
         if (*vol_upload) {
@@ -744,16 +788,23 @@ int main(int argc, char** argv) {
               session.download_file(vol.pool, vol.name, file_arg, o, [&](const ferry::Progress& p) { bar.update(p); });
         }
       } catch (...) {
-        bar.clear();
+        bar.fail();
         throw;
       }
-      bar.clear();
+      // The final report (the session made it already unless the range was empty).
+      ferry::Progress end;
+      end.done = end.total = result.data_bytes + result.hole_bytes;
+      end.data_bytes = result.data_bytes;
+      end.hole_bytes = result.hole_bytes;
+      end.elapsed = result.elapsed;
+      end.finished = true;
+      bar.finish(end);
       print_transfer(*vol_upload ? "uploaded" : "downloaded", vol, file_arg, result, g);
     }
     ferry::cli::JobOutput job_out;
     job_out.json = g.json;
     job_out.quiet = g.quiet;
-    job_out.progress = progress_enabled(g);
+    job_out.progress = progress_output(g);
     job_out.interrupted = [] { return g_interrupts.was_fired(); };
     if (*vol_copy) rc = ferry::cli::run_vol_copy(session, copy, job_out);
     if (*job_list) rc = ferry::cli::run_job_list(session, job_out);

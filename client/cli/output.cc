@@ -3,7 +3,9 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cmath>
 #include <cstring>
 
@@ -191,11 +193,81 @@ Json event_json(const v1::VolumeEvent& e) {
   return j;
 }
 
-void ProgressBar::update(const Progress& p) {
-  if (!enabled_) return;
+std::string ProgressBar::json_line(const Progress& p, bool failed) const {
   const double secs = std::chrono::duration<double>(p.elapsed).count();
   const double rate = secs > 0 ? static_cast<double>(p.done) / secs : 0;
-  std::string line = label_ + " ";
+  // A transfer of unknown length (stdin) knows its total once it ends.
+  const bool known = p.total > 0 || (p.finished && !failed);
+  const std::uint64_t total = p.total > 0 ? p.total : p.done;
+  Json j;
+  j.field("operation", operation_).field("volume", volume_).field("bytes", p.done);
+  if (known) j.field("total", total);
+  else j.null("total");
+  j.field("data_bytes", p.data_bytes).field("hole_bytes", p.hole_bytes);
+  // A resumed copy counts the extents it verified and did not send again.
+  if (p.done > p.data_bytes + p.hole_bytes) j.field("skipped_bytes", p.done - p.data_bytes - p.hole_bytes);
+  if (known)
+    j.field("percent", total > 0 ? std::min(100.0, 100.0 * static_cast<double>(p.done) / static_cast<double>(total))
+                                 : 100.0);
+  else
+    j.null("percent");
+  j.field("rate", rate);
+  if (known && (p.done >= total || p.finished))
+    j.field("eta_seconds", 0.0);
+  else if (known && rate > 0)
+    j.field("eta_seconds", static_cast<double>(total - p.done) / rate);
+  else
+    j.null("eta_seconds");
+  j.field("elapsed_seconds", secs).field("finished", p.finished && !failed);
+  if (failed) j.field("failed", true);
+  return j.str();
+}
+
+void ProgressBar::emit(const std::string& text) {
+  const std::string line = text + "\n";
+  std::size_t off = 0;
+  while (off < line.size()) {
+    const ssize_t n = ::write(out_.fd, line.data() + off, line.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;  // a closed progress pipe does not stop the transfer
+    off += static_cast<std::size_t>(n);
+  }
+}
+
+void ProgressBar::update(const Progress& p) {
+  if (ended_) return;
+  last_ = p;
+  if (out_.mode == ProgressOutput::Mode::json) {
+    if (p.finished) return finish(p);
+    emit(json_line(p, false));
+  } else if (out_.mode == ProgressOutput::Mode::bar) {
+    draw(p);
+  }
+}
+
+void ProgressBar::finish(const Progress& p) {
+  if (ended_) return;
+  ended_ = true;
+  last_ = p;
+  last_.finished = true;
+  if (out_.mode == ProgressOutput::Mode::json) emit(json_line(last_, false));
+  clear();
+}
+
+void ProgressBar::fail() {
+  if (ended_) return;
+  ended_ = true;
+  if (out_.mode == ProgressOutput::Mode::json) {
+    last_.finished = false;
+    emit(json_line(last_, true));
+  }
+  clear();
+}
+
+void ProgressBar::draw(const Progress& p) {
+  const double secs = std::chrono::duration<double>(p.elapsed).count();
+  const double rate = secs > 0 ? static_cast<double>(p.done) / secs : 0;
+  std::string line = operation_ + " " + volume_ + " ";
   if (p.total > 0) {
     const double frac = std::min(1.0, static_cast<double>(p.done) / static_cast<double>(p.total));
     char pct[8];
@@ -222,7 +294,7 @@ void ProgressBar::update(const Progress& p) {
 }
 
 void ProgressBar::clear() {
-  if (!enabled_ || last_width_ == 0) return;
+  if (out_.mode != ProgressOutput::Mode::bar || last_width_ == 0) return;
   std::fprintf(stderr, "\r%s\r", std::string(last_width_, ' ').c_str());
   std::fflush(stderr);
   last_width_ = 0;

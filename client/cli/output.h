@@ -57,6 +57,7 @@ class Json {
   Json& field(const std::string& key, double value);
   Json& field(const std::string& key, bool value);
   Json& raw(const std::string& key, const std::string& json);
+  Json& null(const std::string& key) { return raw(key, "null"); }
   std::string str() const { return "{" + body_ + "}"; }
   static std::string quote(const std::string& s);
   static std::string array(const std::vector<std::string>& items);
@@ -71,18 +72,44 @@ Json pool_json(const v1::PoolInfo& p);
 Json event_json(const v1::VolumeEvent& e);
 const char* event_kind_name(v1::VolumeEventKind kind);
 
-// Draws "  42% [=====>      ] 1.2 GiB / 2.0 GiB  812 MiB/s  ETA 0:01" on
-// stderr, redrawn in place; nothing when disabled.
+// How transfers report progress (--progress, --progress-fd; docs/cli.md).
+struct ProgressOutput {
+  enum class Mode { none, bar, json };
+  Mode mode = Mode::none;
+  int fd = 2;  // where JSON lines go (the bar always draws on stderr)
+};
+
+// Reports a transfer's progress: a bar on stderr redrawn in place
+//   "upload default/v  42% [=====>      ] 1.2 GiB / 2.0 GiB  812 MiB/s  ETA 0:01"
+// or one JSON object per line (operation, volume, bytes, total, data_bytes,
+// hole_bytes, percent, rate, eta_seconds, elapsed_seconds, finished), or
+// nothing. update() is called about ten times a second; finish() with the
+// final state, or fail() when the transfer stopped short.
 class ProgressBar {
  public:
-  ProgressBar(bool enabled, std::string label) : enabled_(enabled), label_(std::move(label)) {}
+  ProgressBar(ProgressOutput out, std::string operation, std::string volume)
+      : out_(out), operation_(std::move(operation)), volume_(std::move(volume)) {}
   void update(const Progress& p);
+  // The last report: a JSON line with "finished": true; the bar is cleared.
+  void finish(const Progress& p);
+  // The transfer failed or was interrupted: a last JSON line with
+  // "finished": false and "failed": true repeating the last state; the bar
+  // is cleared.
+  void fail();
   void clear();
 
+  // The JSON line for `p` (without the newline).
+  std::string json_line(const Progress& p, bool failed) const;
+
  private:
-  bool enabled_;
-  std::string label_;
+  void draw(const Progress& p);
+  void emit(const std::string& line);
+  ProgressOutput out_;
+  std::string operation_;
+  std::string volume_;
   std::size_t last_width_ = 0;
+  Progress last_{};
+  bool ended_ = false;
 };
 
 }  // namespace ferry::cli

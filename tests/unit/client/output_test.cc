@@ -58,5 +58,59 @@ TEST(ExitCodes, OnePerKindOfFailure) {
   EXPECT_EQ(exit_code_for(Code::internal), Exit::failed);
 }
 
+// --progress=json lines (docs/cli.md): what a wrapper reads at each stage.
+TEST(ProgressJson, KnownTotalGivesPercentRateAndEta) {
+  ProgressBar bar({ProgressOutput::Mode::json, 2}, "upload", "default/v");
+  Progress p;
+  p.total = 1000;
+  p.done = 250;
+  p.data_bytes = 200;
+  p.hole_bytes = 50;
+  p.elapsed = std::chrono::seconds(1);
+  EXPECT_EQ(bar.json_line(p, false),
+            "{\"operation\":\"upload\",\"volume\":\"default/v\",\"bytes\":250,\"total\":1000,\"data_bytes\":200,"
+            "\"hole_bytes\":50,\"percent\":25,\"rate\":250,\"eta_seconds\":3,\"elapsed_seconds\":1,"
+            "\"finished\":false}");
+}
+
+TEST(ProgressJson, UnknownTotalIsNullUntilTheEnd) {
+  ProgressBar bar({ProgressOutput::Mode::json, 2}, "upload", "default/v");
+  Progress p;
+  p.done = p.data_bytes = 4096;
+  p.elapsed = std::chrono::seconds(2);
+  const std::string running = bar.json_line(p, false);
+  EXPECT_NE(running.find("\"total\":null"), std::string::npos) << running;
+  EXPECT_NE(running.find("\"percent\":null"), std::string::npos) << running;
+  EXPECT_NE(running.find("\"eta_seconds\":null"), std::string::npos) << running;
+  p.finished = true;
+  const std::string done = bar.json_line(p, false);
+  EXPECT_NE(done.find("\"total\":4096"), std::string::npos) << done;
+  EXPECT_NE(done.find("\"percent\":100"), std::string::npos) << done;
+  EXPECT_NE(done.find("\"finished\":true"), std::string::npos) << done;
+}
+
+TEST(ProgressJson, FailedTransferEndsWithFailedNotFinished) {
+  ProgressBar bar({ProgressOutput::Mode::json, 2}, "download", "default/v");
+  Progress p;
+  p.total = 100;
+  p.done = p.hole_bytes = 40;
+  p.elapsed = std::chrono::seconds(1);
+  const std::string line = bar.json_line(p, true);
+  EXPECT_NE(line.find("\"finished\":false"), std::string::npos) << line;
+  EXPECT_NE(line.find("\"failed\":true"), std::string::npos) << line;
+  EXPECT_NE(line.find("\"bytes\":40"), std::string::npos) << line;
+}
+
+TEST(ProgressJson, ResumedCopyCountsSkippedBytes) {
+  ProgressBar bar({ProgressOutput::Mode::json, 2}, "copy", "default/v");
+  Progress p;
+  p.total = p.done = 300;
+  p.data_bytes = 100;
+  p.hole_bytes = 50;
+  p.finished = true;
+  const std::string line = bar.json_line(p, false);
+  EXPECT_NE(line.find("\"skipped_bytes\":150"), std::string::npos) << line;
+}
+
 }  // namespace
 }  // namespace ferry::cli
