@@ -269,13 +269,6 @@ double seconds(std::chrono::steady_clock::duration d) { return std::chrono::dura
 // --------------------------------------------------------------------------
 // Session
 
-struct SessionState;
-
-// A raw stream registered with its session, so close() can abort it.
-struct StreamEntry {
-  std::shared_ptr<stream::Stream> stream;
-};
-
 struct SessionState {
   std::unique_ptr<Session> session;
   std::optional<std::chrono::milliseconds> timeout;  // per call
@@ -283,6 +276,7 @@ struct SessionState {
   // exclusively, so the session never goes away under a caller.
   std::shared_mutex lifetime;
   bool closed = false;
+  // Raw streams open now, so close() can abort them.
   std::mutex streams_mutex;
   std::set<std::shared_ptr<stream::Stream>> streams;
 
