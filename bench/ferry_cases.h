@@ -133,6 +133,10 @@ struct VolumeCopy {
   std::uint64_t size = 0;
   int width = 1;
   bool seconds = false;
+  // Upload through the Python binding (bench/py_upload.py) instead of the
+  // CLI: the ferry side of py.stream.upload. Unavailable (Unavailable) when
+  // the build has no binding.
+  bool python = false;
 };
 Measurement ferry_volume_copy(const CaseOptions&, const VolumeCopy&);
 // Its baseline (baselines.h): seconds to send a dense file of the 10 MiB alone.

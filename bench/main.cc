@@ -144,6 +144,14 @@ const std::vector<Row>& rows() {
        [](const CaseOptions& o) { return raw_file_copy(o, vol_sparse(false)); }},
       {"vol.upload8", [](const CaseOptions& o) { return ferry_volume_copy(o, vol_eight(o)); },
        [](const CaseOptions& o) { return raw_file_copy(o, vol_eight(o)); }},
+      // The Python binding's upload against the CLI's, same file and daemon.
+      {"py.stream.upload",
+       [](const CaseOptions& o) {
+         auto c = vol_dense(o, true, false);
+         c.python = true;
+         return ferry_volume_copy(o, c);
+       },
+       [](const CaseOptions& o) { return ferry_volume_copy(o, vol_dense(o, true, false)); }},
       {"nbd.read.plain", [](const CaseOptions& o) { return ferry_nbd_plain(o, false); },
        [](const CaseOptions& o) { return nbdkit_file_plain(o, false); }},
       {"nbd.write.plain", [](const CaseOptions& o) { return ferry_nbd_plain(o, true); },

@@ -25,6 +25,23 @@ std::string cli_path(const CaseOptions& options) {
   return path.string();
 }
 
+// The Python upload of py.stream.upload: /usr/bin/python3 running
+// build/bench/py_upload.py with PYTHONPATH=build/python.
+std::vector<std::string> python_upload_command(const CaseOptions& options) {
+  const auto build = std::filesystem::path(options.ferryd).parent_path().parent_path();
+  const auto package = build / "python" / "ferry";
+  bool have_module = false;
+  if (std::filesystem::exists(package / "__init__.py"))
+    for (const auto& e : std::filesystem::directory_iterator(package))
+      have_module = have_module || e.path().filename().string().rfind("_ferry", 0) == 0;
+  if (!have_module) throw Unavailable("the Python binding is not built (" + package.string() + "; FERRY_PYTHON=ON)");
+  if (!std::filesystem::exists("/usr/bin/python3")) throw Unavailable("/usr/bin/python3 not found");
+  const auto script = build / "bench" / "py_upload.py";
+  if (!std::filesystem::exists(script)) throw Unavailable(script.string() + " not found");
+  ::setenv("PYTHONPATH", (build / "python").c_str(), 1);
+  return {"/usr/bin/python3", script.string()};
+}
+
 pid_t start(const std::vector<std::string>& argv) {
   std::vector<char*> args;
   for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
@@ -51,6 +68,7 @@ void run(const std::vector<std::string>& argv, const std::string& what) { finish
 }  // namespace
 
 Measurement ferry_volume_copy(const CaseOptions& options, const VolumeCopy& copy) {
+  const std::vector<std::string> python = copy.python ? python_upload_command(options) : std::vector<std::string>{};
   ScratchDir dir;
   const std::string pool = (dir.path() / "pool").string();
   std::filesystem::create_directories(pool);
@@ -81,13 +99,23 @@ Measurement ferry_volume_copy(const CaseOptions& options, const VolumeCopy& copy
   for (int i = 0; i < copy.width; ++i) {
     const std::string name = "f" + std::to_string(i);
     const std::string local = (dir.path() / name).string();
+    if (copy.python) {
+      auto argv = python;
+      argv.insert(argv.end(), {ferryd.uri(), "default", name, local});
+      running.push_back(start(argv));
+      continue;
+    }
     running.push_back(start(copy.upload ? with({"vol-upload", "--no-sync", name, local})
                                         : with({"vol-download", name, local + ".out"})));
   }
-  for (pid_t pid : running) finish(pid, copy.upload ? "ferry vol-upload" : "ferry vol-download");
+  for (pid_t pid : running)
+    finish(pid, copy.python ? "py_upload.py" : copy.upload ? "ferry vol-upload" : "ferry vol-download");
   const double elapsed = seconds_since(begin);
 
-  std::string note = std::string("ferry CLI ") + (copy.upload ? "vol-upload --no-sync" : "vol-download") + " over " +
+  std::string note = std::string(copy.python ? "Python binding Session.upload_file(no_sync=True)"
+                                 : copy.upload ? "ferry CLI vol-upload --no-sync"
+                                               : "ferry CLI vol-download") +
+                     " over " +
                      (copy.tcp ? "tcp" : "unix") + ", " +
                      (copy.width > 1 ? std::to_string(copy.width) + " at once x " : "") +
                      std::to_string(copy.size >> 20) + " MiB" + (copy.sparse ? " sparse (1% data)" : "") +

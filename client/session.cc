@@ -83,6 +83,27 @@ class Throttle {
   Clock::time_point last_{};
 };
 
+// Aborts `stream` when `cancel` fires, for as long as it lives.
+class CancelWatch {
+ public:
+  CancelWatch(const std::shared_ptr<rpc::CancelSource>& cancel, const std::shared_ptr<stream::Stream>& s)
+      : cancel_(cancel) {
+    if (!cancel_) return;
+    id_ = cancel_->watch([weak = std::weak_ptr<stream::Stream>(s)] {
+      if (auto locked = weak.lock()) locked->abort(Error(Code::cancelled, "transfer cancelled by the client", "client"));
+    });
+  }
+  CancelWatch(const CancelWatch&) = delete;
+  CancelWatch& operator=(const CancelWatch&) = delete;
+  ~CancelWatch() {
+    if (cancel_) cancel_->forget(id_);
+  }
+
+ private:
+  std::shared_ptr<rpc::CancelSource> cancel_;
+  std::size_t id_ = 0;
+};
+
 struct FileCloser {
   int fd;
   bool owned;
@@ -358,6 +379,7 @@ TransferResult Session::upload_file(const std::string& pool, const std::string& 
   call.set_no_sync(options.no_sync);
   auto open = stream::open<Volume::VolUpload>(*client_, call);
   auto registration = active_->add(open.stream);
+  CancelWatch watch(options.cancel, open.stream);
   auto& s = *open.stream;
   const std::size_t chunk = client_->stream_limits().chunk_size;
   auto connection = client_->connection();
@@ -471,6 +493,7 @@ TransferResult Session::download_file(const std::string& pool, const std::string
     call.set_detect_zeros(options.detect_zeros);
     auto open = stream::open<Volume::VolDownload>(*client_, call);
     auto registration = active_->add(open.stream);
+    CancelWatch watch(options.cancel, open.stream);
     auto& s = *open.stream;
     bool resume = false;
     std::uint64_t got_data = 0, got_holes = 0;  // what this stream brought

@@ -50,6 +50,9 @@ struct UploadOptions {
   bool keep_capacity = false;            // atomic: keep the volume's size if the file is shorter
   bool no_sync = false;                  // skip the daemon's fdatasync before it answers
   bool create = false;                   // create the volume, sized to the data, if it is missing
+  // Cancelling it aborts this transfer alone (the daemon sees CANCELLED at
+  // once; upload_file throws it), from any thread.
+  std::shared_ptr<rpc::CancelSource> cancel;
 };
 
 struct DownloadOptions {
@@ -57,6 +60,7 @@ struct DownloadOptions {
   std::optional<std::uint64_t> length;
   bool detect_zeros = false;  // the daemon also sends all-zero chunks as holes
   bool dense = false;         // write every byte to the file, holes as zeros
+  std::shared_ptr<rpc::CancelSource> cancel;  // as UploadOptions::cancel
 };
 
 struct TransferResult {
