@@ -391,7 +391,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.fallthrough();  // global options may also come after the verb
   app.option_defaults()->always_capture_default();
-  std::string uri = "ferry+unix://" + std::filesystem::absolute(ferry::daemon::default_socket_path()).lexically_normal().string();
+  std::string uri = "ferry+unix://" + std::filesystem::absolute(ferry::daemon::client_socket_path()).lexically_normal().string();
   if (const char* env = std::getenv("FERRY_URI"); env && *env) uri = env;
   app.add_option("-c,--connect", uri,
                  "daemon URI: ferry+unix:///path, ferry+tcp://host:port, ferry+tls://host:port, ferry+grpc://host:port "
@@ -571,7 +571,7 @@ int main(int argc, char** argv) {
 
   // Admin verbs: on the daemon's admin socket, not -c (docs/operations.md).
   ferry::cli::AdminRequest admin_req;
-  admin_req.socket = ferry::daemon::default_admin_socket_path();
+  admin_req.socket = ferry::daemon::client_admin_socket_path();
   auto* admin = app.add_subcommand("admin", "administer the daemon over its admin socket (root or the daemon's uid)");
   admin->add_option("--admin-socket", admin_req.socket, "the daemon's admin socket ($FERRY_ADMIN_SOCKET)")
       ->capture_default_str();

@@ -12,6 +12,8 @@
 
 #include <filesystem>
 #include <fstream>
+#include <future>
+#include <optional>
 #include <random>
 #include <thread>
 
@@ -262,6 +264,92 @@ TEST_P(VolumeTest, AnUploadRightAfterAnAcknowledgedOneFindsTheVolumeFree) {
       break;
     }
   }
+}
+
+TEST_P(VolumeTest, CancellingOneFileTransferLeavesTheSessionsOtherTransfersRunning) {
+  // Two uploads on one session, each fed from a pipe we control, so both
+  // are surely running when one of them is cancelled.
+  FerrydProcess d;
+  EXPECT_CLI(cli(d, {"vol-create", "a", "64M"}), 0);
+  EXPECT_CLI(cli(d, {"vol-create", "b", "64M"}), 0);
+  Session s = session(d);
+  const std::string fifo_a = file("fifo-a"), fifo_b = file("fifo-b");
+  ASSERT_EQ(::mkfifo(fifo_a.c_str(), 0600), 0);
+  ASSERT_EQ(::mkfifo(fifo_b.c_str(), 0600), 0);
+  // Opened read-write first, so neither side blocks opening them.
+  int wa = ::open(fifo_a.c_str(), O_RDWR | O_CLOEXEC);
+  int wb = ::open(fifo_b.c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(wa, 0);
+  ASSERT_GE(wb, 0);
+  auto cancel_a = std::make_shared<rpc::CancelSource>();
+  UploadOptions options_a;
+  options_a.cancel = cancel_a;
+  std::promise<std::optional<Code>> result_a;
+  std::promise<std::uint64_t> result_b;
+  std::thread ta([&] {
+    try {
+      s.upload_file("default", "a", fifo_a, options_a);
+      result_a.set_value(std::nullopt);
+    } catch (const Error& e) {
+      result_a.set_value(e.code());
+    }
+  });
+  std::thread tb([&] {
+    try {
+      result_b.set_value(s.upload_file("default", "b", fifo_b).data_bytes);
+    } catch (...) {
+      result_b.set_exception(std::current_exception());
+    }
+  });
+  auto fa = result_a.get_future();
+  auto fb = result_b.get_future();
+  std::vector<std::uint8_t> data(MiB, 0x3c);
+  ASSERT_EQ(::write(wa, data.data(), data.size()), static_cast<ssize_t>(data.size()));
+  ASSERT_EQ(::write(wb, data.data(), data.size()), static_cast<ssize_t>(data.size()));
+  for (int i = 0; i < 500 && !(s.vol_info("default", "a").writing() && s.vol_info("default", "b").writing()); ++i)
+    std::this_thread::sleep_for(10ms);
+  ASSERT_TRUE(s.vol_info("default", "a").writing());
+  ASSERT_TRUE(s.vol_info("default", "b").writing());
+
+  cancel_a->cancel();
+  ::close(wa);  // the end of a's input, so its reading loop runs on and sees the cancel
+  ASSERT_EQ(fa.wait_for(10s), std::future_status::ready);
+  EXPECT_EQ(fa.get(), std::optional<Code>(Code::cancelled));
+  // b runs on: more data, then its end, and it is acknowledged whole.
+  EXPECT_EQ(fb.wait_for(0s), std::future_status::timeout);
+  std::fill(data.begin(), data.end(), 0x7e);
+  for (int i = 0; i < 3; ++i) ASSERT_EQ(::write(wb, data.data(), data.size()), static_cast<ssize_t>(data.size()));
+  ::close(wb);
+  ASSERT_EQ(fb.wait_for(20s), std::future_status::ready);
+  EXPECT_EQ(fb.get(), 4 * MiB);
+  ta.join();
+  tb.join();
+
+  // The cancelled upload let go of a's writer lock, and the session works.
+  bool a_free = false;
+  for (int i = 0; i < 200 && !a_free; ++i) {
+    try {
+      v1::VolUploadCall call;
+      call.mutable_volume()->set_pool("default");
+      call.mutable_volume()->set_name("a");
+      UploadStream up = s.open_upload(call);
+      up.write(data);
+      up.finish();
+      a_free = true;
+    } catch (const Error& e) {
+      if (e.code() != Code::failed_precondition) throw;
+      std::this_thread::sleep_for(10ms);
+    }
+  }
+  EXPECT_TRUE(a_free) << "a's writer lock is still held after its upload was cancelled";
+  // b holds exactly what was sent: 1 MiB of 0x3c, 3 MiB of 0x7e, zeros.
+  const std::string expected = file("expected-b");
+  {
+    std::ofstream out(expected, std::ios::binary);
+    out << std::string(MiB, '\x3c') << std::string(3 * MiB, '\x7e');
+  }
+  std::filesystem::resize_file(expected, 64 * MiB);
+  EXPECT_EQ(file_hash(d.pool_dir() + "/b"), file_hash(expected));
 }
 
 TEST_P(VolumeTest, ConcurrentUploadsToDifferentVolumes) {

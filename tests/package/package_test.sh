@@ -174,6 +174,36 @@ ninja -C "$WORK/consumer-build" >"$WORK/consumer-ninja.log" 2>&1 || { cat "$WORK
 ldd "$WORK/consumer-build/consumer_c" | grep -q "libferry.so.0 => $LIBDIR/libferry.so.0" || fail "consumer_c does not use the unpacked libferry.so.0"
 "$WORK/consumer-build/consumer_c" "$URI" | grep "pool default (C API)" || fail "the C API program failed"
 
+if [ -n "$(deb python3-ferry)" ]; then
+  step "the unpacked python3-ferry against the daemon"
+  # Only the unpacked tree on the path: the build tree's module must not be the one imported.
+  PYDIR="$ROOT/usr/lib/python3/dist-packages"
+  env -u PYTHONPATH PYTHONPATH="$PYDIR" /usr/bin/python3 - "$URI" "$PYDIR" <<'EOF' || fail "the unpacked Python package"
+import hashlib, os, sys
+uri, pydir = sys.argv[1], sys.argv[2]
+import ferry
+assert os.path.realpath(ferry.__file__).startswith(os.path.realpath(pydir)), ferry.__file__
+data = os.urandom(1 << 20)
+with ferry.connect(uri) as s:
+    s.vol_create("default", "python-package.img", 4 << 20)
+    with s.open_upload("default", "python-package.img") as up:
+        up.write(data)
+        up.write_hole(3 << 20)
+    got = bytearray()
+    with s.open_download("default", "python-package.img") as down:
+        for kind, piece in down:
+            got += piece if kind == "data" else bytes(piece)  # a hole: that many zeros
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data + bytes(3 << 20)).digest(), "round trip differs"
+    s.vol_delete("default", "python-package.img")
+    try:
+        s.vol_info("default", "python-package.img")
+        raise SystemExit("vol_info of a deleted volume succeeded")
+    except ferry.Error as e:
+        assert e.code_name == "NOT_FOUND", e
+print("python3-ferry: upload + download round trip through the unpacked module")
+EOF
+fi
+
 kill -TERM "$FERRYD_PID"
 wait "$FERRYD_PID" || fail "ferryd did not stop cleanly"
 FERRYD_PID=""
