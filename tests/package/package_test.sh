@@ -34,9 +34,9 @@ for p in ferryd ferry libferry0 libferry-dev; do
   esac
 done
 # python3-ferry exists exactly when the Python binding is installed.
-if grep -E '^set\(CPACK_COMPONENTS_ALL ' "$BUILD/CPackConfig.cmake" | grep -q python3-ferry; then
+if grep -E '^set\(CPACK_COMPONENTS_ALL ' "$BUILD/CPackConfig.cmake" | grep -c >/dev/null python3-ferry; then
   [ -n "$(deb python3-ferry)" ] || fail "the python3-ferry component is installed but no package was made"
-  dpkg-deb --contents "$(deb python3-ferry)" | grep -q 'usr/lib/python3/dist-packages/ferry/' ||
+  dpkg-deb --contents "$(deb python3-ferry)" | grep -c >/dev/null 'usr/lib/python3/dist-packages/ferry/' ||
     fail "python3-ferry does not hold usr/lib/python3/dist-packages/ferry"
 else
   [ -z "$(deb python3-ferry)" ] || fail "python3-ferry made without the Python binding"
@@ -47,7 +47,7 @@ step "dpkg-deb --info / --contents"
 field() { dpkg-deb --field "$(deb "$1")" "$2"; }
 contents() { dpkg-deb --contents "$(deb "$1")" | awk '{print $6 ($7 ? " " $7 " " $8 : "")}'; }
 has() {  # has PACKAGE PATH-REGEX
-  contents "$1" | grep -Eq "^\.$2( |$)" || fail "$1 does not contain $2"
+  contents "$1" | grep -Ec >/dev/null "^\.$2( |$)" || fail "$1 does not contain $2"
 }
 for p in ferryd ferry libferry0 libferry-dev; do
   dpkg-deb --info "$(deb "$p")" >/dev/null
@@ -73,17 +73,18 @@ has libferry-dev /usr/include/ferry/client/ferry.h
 has libferry-dev /usr/include/ferry/client/session.h
 has libferry-dev /usr/include/ferry/rpc/server.h
 has libferry-dev /usr/include/ferry/ferry/v1/volume.pb.h
-# Man pages and completion land in these packages when they are built.
-for m in "ferryd usr/share/man/man8/ferryd.8" "ferryd usr/share/man/man5/ferryd.conf.5" "ferry usr/share/man/man1/ferry.1"; do
+has ferry /usr/share/bash-completion/completions/ferry
+# The man pages are in the packages whenever the build made them (help2man).
+for m in "ferryd /usr/share/man/man8/ferryd\.8" "ferryd /usr/share/man/man5/ferryd\.conf\.5" "ferry /usr/share/man/man1/ferry\.1"; do
   set -- $m
-  if contents "$1" | grep -q "$2"; then echo "$1 has $2"; else echo "$1: no $2 (man pages not built)"; fi
+  if [ -f "$BUILD/man/ferry.1" ]; then has "$1" "$2"; echo "$1 has $2"; else echo "$1: no $2 (man pages not built)"; fi
 done
-contents libferry0 | grep -q '\.a$\|/include/' && fail "libferry0 holds development files"
-dpkg-deb --ctrl-tarfile "$(deb ferryd)" | tar -x -O ./conffiles | grep -qx /etc/ferry/ferryd.toml ||
+contents libferry0 | grep -c >/dev/null '\.a$\|/include/' && fail "libferry0 holds development files"
+dpkg-deb --ctrl-tarfile "$(deb ferryd)" | tar -x -O ./conffiles | grep -cx >/dev/null /etc/ferry/ferryd.toml ||
   fail "/etc/ferry/ferryd.toml is not a conffile of ferryd"
-field ferryd Depends | grep -q adduser || fail "ferryd does not depend on adduser"
-field ferryd Depends | grep -q libsystemd0 || fail "ferryd's shlibdeps lack libsystemd0"
-field libferry-dev Depends | grep -q "libferry0 (= $(field libferry0 Version))" || fail "libferry-dev does not depend on libferry0 (= version)"
+field ferryd Depends | grep -c >/dev/null adduser || fail "ferryd does not depend on adduser"
+field ferryd Depends | grep -c >/dev/null libsystemd0 || fail "ferryd's shlibdeps lack libsystemd0"
+field libferry-dev Depends | grep -c >/dev/null "libferry0 (= $(field libferry0 Version))" || fail "libferry-dev does not depend on libferry0 (= version)"
 mkdir -p "$WORK/ctrl"
 dpkg-deb --control "$(deb ferryd)" "$WORK/ctrl"
 for s in postinst prerm postrm; do
@@ -101,7 +102,7 @@ LIBDIR=$(dirname "$(find "$ROOT/usr/lib" -name 'libferry.so.0' | head -n 1)")
 export LD_LIBRARY_PATH="$LIBDIR${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 for f in "$FERRYD" "$FERRY" "$LIBDIR/libferry.so.0"; do
   ldd "$f" >"$WORK/ldd.txt" 2>&1 || fail "ldd $f"
-  if grep -q "not found" "$WORK/ldd.txt"; then cat "$WORK/ldd.txt"; fail "ldd $f: unresolved libraries"; fi
+  if grep -c >/dev/null "not found" "$WORK/ldd.txt"; then cat "$WORK/ldd.txt"; fail "ldd $f: unresolved libraries"; fi
 done
 echo "ldd: ferryd, ferry and libferry.so.0 resolve"
 
@@ -111,9 +112,9 @@ echo "ldd: ferryd, ferry and libferry.so.0 resolve"
 "$FERRYD" --print-config $(cat "$BUILD/packaging/ferryd.toml.flags") >"$WORK/expected.toml"
 # (the first line of each names its source)
 diff -u <(tail -n +2 "$WORK/expected.toml") <(tail -n +2 "$WORK/from-file.toml") || fail "ferryd --config /etc/ferry/ferryd.toml --print-config differs from the packaged layout"
-grep -q "^listen = \[ 'unix:/run/ferry/ferryd.sock' \]" "$WORK/from-file.toml" || fail "packaged config: socket is not /run/ferry/ferryd.sock"
-grep -q "^path = '/var/lib/ferry/pools/default'" "$WORK/from-file.toml" || fail "packaged config: pool is not under /var/lib/ferry"
-grep -q "^socket = '/run/ferry/ferryd-admin.sock'" "$WORK/from-file.toml" || fail "packaged config: admin socket"
+grep -c >/dev/null "^listen = \[ 'unix:/run/ferry/ferryd.sock' \]" "$WORK/from-file.toml" || fail "packaged config: socket is not /run/ferry/ferryd.sock"
+grep -c >/dev/null "^path = '/var/lib/ferry/pools/default'" "$WORK/from-file.toml" || fail "packaged config: pool is not under /var/lib/ferry"
+grep -c >/dev/null "^socket = '/run/ferry/ferryd-admin.sock'" "$WORK/from-file.toml" || fail "packaged config: admin socket"
 
 if command -v systemd-analyze >/dev/null; then
   # verify checks that ExecStart= exists: point it at the unpacked binary.
@@ -135,7 +136,7 @@ mkdir -p "$ROOT/run/ferry" "$ROOT/var/lib/ferry"
 FERRYD_PID=$!
 for _ in $(seq 400); do [ -f "$WORK/ready" ] && break; kill -0 "$FERRYD_PID" 2>/dev/null || fail "ferryd exited"; sleep 0.05; done
 [ -f "$WORK/ready" ] || fail "ferryd did not become ready"
-grep -q "configuration: $ROOT/etc/ferry/ferryd.toml" "$WORK/ferryd.log" || fail "ferryd did not read the packaged configuration"
+grep -c >/dev/null "configuration: $ROOT/etc/ferry/ferryd.toml" "$WORK/ferryd.log" || fail "ferryd did not read the packaged configuration"
 "$FERRY" -c "$URI" ping -n 3
 
 IMAGE="$WORK/disk.raw"
@@ -146,8 +147,8 @@ done
 "$FERRY" -c "$URI" vol-create default/package-test.img 1G
 "$FERRY" -c "$URI" --progress bar vol-upload default/package-test.img "$IMAGE" 2>"$WORK/up.progress"
 "$FERRY" -c "$URI" --progress bar vol-download default/package-test.img "$WORK/copy.raw" 2>"$WORK/down.progress"
-grep -q "%" "$WORK/up.progress" || { cat "$WORK/up.progress"; fail "no upload progress shown"; }
-grep -q "%" "$WORK/down.progress" || { cat "$WORK/down.progress"; fail "no download progress shown"; }
+grep -c >/dev/null "%" "$WORK/up.progress" || { cat "$WORK/up.progress"; fail "no upload progress shown"; }
+grep -c >/dev/null "%" "$WORK/down.progress" || { cat "$WORK/down.progress"; fail "no download progress shown"; }
 want=$(sha256sum <"$IMAGE" | cut -d' ' -f1)
 got=$(sha256sum <"$WORK/copy.raw" | cut -d' ' -f1)
 echo "sha256 image $want, download $got"
@@ -166,12 +167,12 @@ PCDIR=$(dirname "$(find "$ROOT" -name ferry.pc | head -n 1)")
 c++ -O1 -o "$WORK/consumer-pc" "$SRC/tests/package/consumer/consumer.cc" \
   $(PKG_CONFIG_PATH="$PCDIR" pkg-config --cflags --libs ferry) || fail "building with pkg-config ferry"
 "$WORK/consumer-pc" "$URI" pkgconfig-consumer | tee "$WORK/consumer-pc.out"
-grep -q "uploaded 65536 bytes" "$WORK/consumer-pc.out" || fail "the pkg-config program did not upload"
+grep -c >/dev/null "uploaded 65536 bytes" "$WORK/consumer-pc.out" || fail "the pkg-config program did not upload"
 cmake -S "$SRC/tests/package/consumer" -B "$WORK/consumer-build" -G Ninja -DCMAKE_PREFIX_PATH="$ROOT/usr" \
   -DCMAKE_BUILD_TYPE=Release >"$WORK/consumer-cmake.log" 2>&1 || { cat "$WORK/consumer-cmake.log"; fail "find_package(ferry)"; }
 ninja -C "$WORK/consumer-build" >"$WORK/consumer-ninja.log" 2>&1 || { cat "$WORK/consumer-ninja.log"; fail "building with find_package(ferry)"; }
 "$WORK/consumer-build/consumer" "$URI" cmake-consumer | grep "uploaded 65536 bytes" || fail "the find_package program did not upload"
-ldd "$WORK/consumer-build/consumer_c" | grep -q "libferry.so.0 => $LIBDIR/libferry.so.0" || fail "consumer_c does not use the unpacked libferry.so.0"
+ldd "$WORK/consumer-build/consumer_c" | grep -c >/dev/null "libferry.so.0 => $LIBDIR/libferry.so.0" || fail "consumer_c does not use the unpacked libferry.so.0"
 "$WORK/consumer-build/consumer_c" "$URI" | grep "pool default (C API)" || fail "the C API program failed"
 
 if [ -n "$(deb python3-ferry)" ]; then
