@@ -113,7 +113,14 @@ set(CPACK_COMPONENT_LIBFERRY-DEV_DESCRIPTION "ferry client library: development 
 
 set(CPACK_DEBIAN_PYTHON3-FERRY_PACKAGE_NAME python3-ferry)
 set(CPACK_DEBIAN_PYTHON3-FERRY_PACKAGE_SECTION python)
-set(CPACK_DEBIAN_PYTHON3-FERRY_PACKAGE_DEPENDS "python3")
-set(CPACK_COMPONENT_PYTHON3-FERRY_DESCRIPTION "ferry client library: Python 3 binding\n${FERRY_LONG_DESCRIPTION}\n .\n This package holds the ferry Python module.")
+# The extension module is built for one Python ABI (cpython-3XY).
+if(DEFINED FERRY_PYTHON_MAJOR AND DEFINED FERRY_PYTHON_MINOR)
+  math(EXPR FERRY_PY_NEXT_MINOR "${FERRY_PYTHON_MINOR} + 1")
+  set(CPACK_DEBIAN_PYTHON3-FERRY_PACKAGE_DEPENDS
+    "python3 (>= ${FERRY_PYTHON_MAJOR}.${FERRY_PYTHON_MINOR}), python3 (<< ${FERRY_PYTHON_MAJOR}.${FERRY_PY_NEXT_MINOR})")
+else()
+  set(CPACK_DEBIAN_PYTHON3-FERRY_PACKAGE_DEPENDS "python3")
+endif()
+set(CPACK_COMPONENT_PYTHON3-FERRY_DESCRIPTION "ferry client library: Python 3 binding\n${FERRY_LONG_DESCRIPTION}\n .\n This package holds the ferry Python module (import ferry, ferry.aio).")
 
 include(CPack)

@@ -38,6 +38,9 @@ if grep -E '^set\(CPACK_COMPONENTS_ALL ' "$BUILD/CPackConfig.cmake" | grep -c >/
   [ -n "$(deb python3-ferry)" ] || fail "the python3-ferry component is installed but no package was made"
   dpkg-deb --contents "$(deb python3-ferry)" | grep -c >/dev/null 'usr/lib/python3/dist-packages/ferry/' ||
     fail "python3-ferry does not hold usr/lib/python3/dist-packages/ferry"
+  py_abi=$(/usr/bin/python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  dpkg-deb --field "$(deb python3-ferry)" Depends | grep -c >/dev/null "python3 (>= $py_abi)" ||
+    fail "python3-ferry is not tied to the Python $py_abi its extension module is built for"
 else
   [ -z "$(deb python3-ferry)" ] || fail "python3-ferry made without the Python binding"
   echo "python3-ferry: not built (no Python binding in this tree)"
