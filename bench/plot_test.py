@@ -6,7 +6,7 @@
 The chart tests draw from bench/testdata/plot-fixture.jsonl, a small result
 file covering several row groups, and check that every expected chart is a
 PNG of sane dimensions. With --build DIR, one more test runs a real
-measurement of nbd.delay64.qd1 (--quick, one run per side) and checks that
+measurement of nbd.delay64.qd64 (--quick, one run per side) and checks that
 its record carries every run's value and ferryd's thread count; it is
 skipped when that row reports itself unavailable (no libnbd or nbdkit).
 """
@@ -141,7 +141,7 @@ class RecordFields(unittest.TestCase):
         build = BUILD
         with tempfile.TemporaryDirectory(prefix="ferry-plot-test.") as tmp:
             out = os.path.join(tmp, "out.jsonl")
-            r = run("--build", build, "--quick", "--runs", "1", "--json", out, "nbd.delay64.qd1")
+            r = run("--build", build, "--quick", "--runs", "1", "--json", out, "nbd.delay64.qd64")
             self.assertEqual(r.returncode, 0, r.stderr)
             with open(out) as f:
                 records = [json.loads(line) for line in f if line.strip()]
@@ -149,7 +149,7 @@ class RecordFields(unittest.TestCase):
         rec = records[0]
         self.assertNotIn("error", rec)
         if rec["value"] is None:  # an unavailable side is no error
-            self.skipTest("nbd.delay64.qd1 unavailable here: " + r.stderr.strip().splitlines()[-1])
+            self.skipTest("nbd.delay64.qd64 unavailable here: " + r.stderr.strip().splitlines()[-1])
         self.assertEqual(len(rec["values"]), 1)
         self.assertEqual(rec["values"][0], rec["value"])
         self.assertIn("note", rec)
