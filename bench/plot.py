@@ -161,6 +161,12 @@ def fmt(v):
     return "%.3g" % v
 
 
+def fmt_ratio(ratio):
+    if ratio is None:
+        return "-"
+    return "%.2f" % ratio if ratio < 10 else "%.1f" % ratio
+
+
 def unit_label(unit, hib):
     text = {"MB/s": "MB/s (10^6 bytes/s)"}.get(unit, unit)
     return "%s, %s is better" % (text, "higher" if hib else "lower")
@@ -316,7 +322,7 @@ def draw_panel(ax, unit, hib, rows):
                             textcoords="offset points", va="center", fontsize=8, color="#a00000")
             if side != "ferry":
                 ratio = ratio_of(r, side)
-                ax.annotate("ratio %.2f" % ratio if ratio is not None else "ratio -",
+                ax.annotate("ratio " + fmt_ratio(ratio),
                             xy=(1.0, y), xycoords=("axes fraction", "data"), xytext=(6, 0),
                             textcoords="offset points", va="center", fontsize=9, fontweight="bold",
                             color=FERRY_COLOR)
@@ -379,7 +385,7 @@ def draw_queue_depth(path, rows):
     for qd, r in rows:
         ratio = ratio_of(r, "baseline")
         if ratio is not None:
-            ax.annotate("ratio %.2f" % ratio, xy=(qd, 0), xycoords=("data", "axes fraction"),
+            ax.annotate("ratio " + fmt_ratio(ratio), xy=(qd, 0), xycoords=("data", "axes fraction"),
                         xytext=(0, 6), textcoords="offset points", ha="center", fontsize=9,
                         fontweight="bold", color=FERRY_COLOR)
     ax.set_xscale("log")
