@@ -331,8 +331,12 @@ def draw_panel(ax, unit, hib, rows):
     positive = [v for v in all_values if v > 0]
     log = bool(positive) and max(positive) / min(positive) > 50
     if log:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
         ax.set_xscale("log")
         ax.set_xlim(min(positive) / 2, max(positive) * 3)
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: "{:,.0f}".format(v) if v >= 1 else "%g" % v))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         ax.set_xlim(0, (max(all_values) if all_values else 1) * 1.18)
     for top, label, r in row_tops:
