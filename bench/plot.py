@@ -397,6 +397,16 @@ def draw_queue_depth(path, rows):
     ax.xaxis.set_major_locator(FixedLocator(depths))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_major_formatter(ScalarFormatter())
+    # Thread counts spelled out under each depth, where no line crosses them.
+    labels = []
+    for qd, r in rows:
+        parts = ["%d" % qd]
+        if is_number(r.get("threads")):
+            parts.append("ferryd %d threads" % r["threads"])
+        if is_number(r.get("baseline_threads")):
+            parts.append("baseline %d" % r["baseline_threads"])
+        labels.append("\n".join(parts))
+    ax.set_xticklabels(labels)
     ax.set_xlim(min(depths) / 2, max(depths) * 2)
     ax.set_xlabel("requests in flight (128 KiB writes, 64 ms each in the backend; log scale)", fontsize=9)
     ax.set_ylabel(unit_label("MB/s", True) + ", log scale", fontsize=9)
@@ -415,13 +425,10 @@ def draw_queue_depth(path, rows):
             have_threads = True
             ax2.plot([p[0] for p in pts], [p[1] for p in pts], color=color, linestyle="--", marker="x",
                      linewidth=1.2, label=label)
-            for x, n in pts:
-                ax2.annotate("%d threads" % n, xy=(x, n), xytext=(8, 3), textcoords="offset points",
-                             fontsize=8, color=color)
     if have_threads:
         ax2.set_yscale("log")
         lo2, hi2 = ax2.get_ylim()
-        ax2.set_ylim(max(0.5, lo2 / 2), hi2 * 3)
+        ax2.set_ylim(max(0.5, lo2 / 5), hi2 * 3)  # thread lines below the rate labels
         ax2.set_ylabel("server threads, peak during the run (log scale)", fontsize=9)
         ax2.tick_params(axis="y", labelsize=8)
     else:
