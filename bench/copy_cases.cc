@@ -270,9 +270,13 @@ Measurement ferry_vol_copy(const CaseOptions& options, double rtt_ms) {
   CaseOptions in_a = options;
   in_a.server_netns.clear();
   const std::string source_socket = (dir.path() / "src.sock").string();
-  Ferryd source_daemon(in_a, "unix:" + source_socket, dir, {"--pool", "default=" + source_pool}, "src.ready");
+  // Both daemons' unix sockets share `dir`, where each would put its admin
+  // socket by default (ferryd-admin.sock beside the first unix listener):
+  // the measurement needs neither.
+  Ferryd source_daemon(in_a, "unix:" + source_socket, dir, {"--pool", "default=" + source_pool, "--no-admin"},
+                       "src.ready");
   Ferryd dest_daemon(options, dir.unix_address("dst.sock"), dir,
-                     {"--pool", "default=" + dest_pool, "--listen", "tcp:127.0.0.1:0"}, "dst.ready");
+                     {"--pool", "default=" + dest_pool, "--listen", "tcp:127.0.0.1:0", "--no-admin"}, "dst.ready");
   std::uint16_t dest_port = 0;
   {
     std::ifstream in(dest_daemon.ready_file);

@@ -62,6 +62,10 @@ struct Measurement {
   double value;
   std::string unit;  // "calls/s", "MB/s" (1e6 bytes), "ms" or "s"
   std::string note;
+  // The server's thread count when the case samples it (the nbd.delay64
+  // rows): before the run and its peak during it; -1 when not sampled.
+  int threads_before = -1;
+  int threads = -1;
 };
 
 // A ferryd child process serving the test program (and the volume service)

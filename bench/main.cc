@@ -11,7 +11,9 @@
 //   ferry_bench rows
 //
 // `measure` prints exactly one JSON line on stdout,
-// {"value": N, "unit": "...", "note": "..."}; on failure it prints the reason
+// {"value": N, "unit": "...", "note": "..."}, plus "threads_before" and
+// "threads" (the server's thread count before the run and its peak during it)
+// for cases that sample them; on failure it prints the reason
 // on stderr and exits 1, or 77 when a baseline's peer tool is unavailable.
 // Servers are child processes (this same binary re-executed), started with
 // `ip netns exec NS` when --server-netns is given; --client-netns moves the
@@ -283,8 +285,11 @@ int measure(int argc, char** argv) {
   const auto& run_side = side == "ferry" ? row->ferry : side == "baseline" ? row->baseline : row->baseline2;
   Measurement m = run_side(options);
   if (options.serve_only) return 0;
-  std::printf("{\"value\": %.10g, \"unit\": %s, \"note\": %s}\n", m.value,
-              json_string(m.unit).c_str(), json_string(m.note).c_str());
+  std::string threads;
+  if (m.threads >= 0)
+    threads = ", \"threads_before\": " + std::to_string(m.threads_before) + ", \"threads\": " + std::to_string(m.threads);
+  std::printf("{\"value\": %.10g, \"unit\": %s, \"note\": %s%s}\n", m.value, json_string(m.unit).c_str(),
+              json_string(m.note).c_str(), threads.c_str());
   std::fflush(stdout);
   return 0;
 }

@@ -301,6 +301,8 @@ Measurement ferry_nbd_delay(const CaseOptions& options, int depth) {
   Measurement m = delay_write(socket, "slow", depth, bytes, threads);
   m.note += "; server: ferryd --nbd-listen unix:S --nbd-export slow=null:64G,delay=64ms --nbd-buffer-bytes 268435456, export slow; " +
             threads.describe("ferryd");
+  m.threads_before = threads.idle();
+  m.threads = threads.peak();
   return m;
 }
 
@@ -318,6 +320,8 @@ Measurement nbdkit_nbd_delay(const CaseOptions& options, int depth) {
   Measurement m = delay_write(socket, "", depth, bytes, threads);
   m.note += "; server: nbdkit -f -U S -t " + threads_flag + " --filter=delay null 64G delay-write=64ms; " +
             threads.describe("nbdkit");
+  m.threads_before = threads.idle();
+  m.threads = threads.peak();
   return m;
 }
 
