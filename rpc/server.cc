@@ -191,6 +191,12 @@ class Server::Impl {
 #endif
   std::vector<std::string> unix_paths_;
   std::vector<int> unix_allowed_uids_;
+  // unix_allowed_users as uids, looked up once, when the first unix
+  // listener is made or handed over.
+  void resolve_unix_allowed_users();
+  // Serves a bound TCP acceptor as tcp or tls (making the TLS context on
+  // first use); returns "auth ..." for the log line.
+  std::string add_inet_acceptor(std::unique_ptr<asio::ip::tcp::acceptor> acceptor, bool tls, Endpoint& endpoint);
 
   // The TLS context for new connections; replaced by reload_tls().
   mutable std::mutex tls_mutex_;
@@ -1115,6 +1121,29 @@ Endpoint Server::listen_admin(const std::string& path) {
   return Endpoint::unix_socket(path);
 }
 
+void Server::Impl::resolve_unix_allowed_users() {
+  if (!unix_allowed_uids_.empty()) return;
+  for (const auto& u : options_.unix_allowed_users) {
+    auto uid = lookup_id(u, false);
+    if (!uid) throw Error(Code::invalid_argument, "unix_allowed_users: no such user '" + u + "'");
+    unix_allowed_uids_.push_back(*uid);
+  }
+}
+
+std::string Server::Impl::add_inet_acceptor(std::unique_ptr<asio::ip::tcp::acceptor> acceptor, bool tls,
+                                            Endpoint& endpoint) {
+  if (tls) {
+    endpoint.kind = Endpoint::Kind::tls;
+    std::lock_guard lock(tls_mutex_);
+    if (!tls_) tls_ = TlsContext::server(options_.tls);
+  }
+  const AuthMode auth = auth_for(tls ? "tls" : "tcp");
+  if (auth == AuthMode::sasl) sasl_global_init();
+  tcp_acceptors_.push_back(InetAcceptor{std::move(acceptor), tls});
+  return std::string("auth ") + to_string(auth) +
+         (tls ? options_.tls.verify_peer ? ", client certificates required" : ", no client certificates" : "");
+}
+
 Endpoint Server::listen(const Endpoint& endpoint) {
   if (endpoint.is_grpc()) {
 #if FERRY_HAVE_GRPC
@@ -1159,13 +1188,7 @@ Endpoint Server::listen(const Endpoint& endpoint) {
       if (::chown(endpoint.path.c_str(), static_cast<uid_t>(-1), static_cast<gid_t>(*gid)) != 0)
         ec = std::error_code(errno, std::generic_category());
     }
-    if (impl_->unix_allowed_uids_.empty()) {
-      for (const auto& u : impl_->options_.unix_allowed_users) {
-        auto uid = lookup_id(u, false);
-        if (!uid) throw Error(Code::invalid_argument, "unix_allowed_users: no such user '" + u + "'");
-        impl_->unix_allowed_uids_.push_back(*uid);
-      }
-    }
+    impl_->resolve_unix_allowed_users();
     if (!ec) acceptor->listen(asio::socket_base::max_listen_connections, ec);
     if (ec) throw Error(Code::unavailable, "cannot listen on " + endpoint.to_string() + ": " + ec.message());
     impl_->unix_acceptors_.push_back(std::move(acceptor));
@@ -1187,17 +1210,8 @@ Endpoint Server::listen(const Endpoint& endpoint) {
   if (ec) throw Error(Code::unavailable, "cannot listen on " + endpoint.to_string() + ": " + ec.message());
   auto bound = acceptor->local_endpoint();
   Endpoint result = Endpoint::tcp(bound.address().to_string(), bound.port());
-  const bool tls = endpoint.kind == Endpoint::Kind::tls;
-  if (tls) {
-    result.kind = Endpoint::Kind::tls;
-    std::lock_guard lock(impl_->tls_mutex_);
-    if (!impl_->tls_) impl_->tls_ = TlsContext::server(impl_->options_.tls);
-  }
-  if (impl_->auth_for(tls ? "tls" : "tcp") == AuthMode::sasl) sasl_global_init();
-  impl_->tcp_acceptors_.push_back(Impl::InetAcceptor{std::move(acceptor), tls});
-  spdlog::info("listening on {} (auth {}{})", result.to_string(), to_string(impl_->auth_for(tls ? "tls" : "tcp")),
-               tls ? impl_->options_.tls.verify_peer ? ", client certificates required" : ", no client certificates"
-                   : "");
+  const std::string auth = impl_->add_inet_acceptor(std::move(acceptor), endpoint.kind == Endpoint::Kind::tls, result);
+  spdlog::info("listening on {} ({})", result.to_string(), auth);
   return result;
 }
 
@@ -1229,13 +1243,7 @@ Endpoint Server::adopt(int fd, Endpoint::Kind kind) {
     auto local = acceptor->local_endpoint(ec);
     std::string path = ec ? std::string() : local.path();
     if (!path.empty() && path.front() == '\0') path = "@" + path.substr(1);  // abstract socket
-    if (impl_->unix_allowed_uids_.empty()) {
-      for (const auto& u : impl_->options_.unix_allowed_users) {
-        auto uid = lookup_id(u, false);
-        if (!uid) throw Error(Code::invalid_argument, "unix_allowed_users: no such user '" + u + "'");
-        impl_->unix_allowed_uids_.push_back(*uid);
-      }
-    }
+    impl_->resolve_unix_allowed_users();
     impl_->unix_acceptors_.push_back(std::move(acceptor));
     Endpoint result = Endpoint::unix_socket(path);
     spdlog::info("listening on {} (socket handed over as {})", result.to_string(), which);
@@ -1248,18 +1256,8 @@ Endpoint Server::adopt(int fd, Endpoint::Kind kind) {
   auto bound = acceptor->local_endpoint(ec);
   if (ec) throw Error(Code::unavailable, "cannot serve " + which + ": " + ec.message());
   Endpoint result = Endpoint::tcp(bound.address().to_string(), bound.port());
-  const bool tls = kind == Endpoint::Kind::tls;
-  if (tls) {
-    result.kind = Endpoint::Kind::tls;
-    std::lock_guard lock(impl_->tls_mutex_);
-    if (!impl_->tls_) impl_->tls_ = TlsContext::server(impl_->options_.tls);
-  }
-  if (impl_->auth_for(tls ? "tls" : "tcp") == AuthMode::sasl) sasl_global_init();
-  impl_->tcp_acceptors_.push_back(Impl::InetAcceptor{std::move(acceptor), tls});
-  spdlog::info("listening on {} (socket handed over as {}; auth {}{})", result.to_string(), which,
-               to_string(impl_->auth_for(tls ? "tls" : "tcp")),
-               tls ? impl_->options_.tls.verify_peer ? ", client certificates required" : ", no client certificates"
-                   : "");
+  const std::string auth = impl_->add_inet_acceptor(std::move(acceptor), kind == Endpoint::Kind::tls, result);
+  spdlog::info("listening on {} (socket handed over as {}; {})", result.to_string(), which, auth);
   return result;
 }
 

@@ -169,3 +169,18 @@ def saslpasswd2():
 def add_sasl_user(db, user, password, realm="ferry", app="ferry"):
     subprocess.run([saslpasswd2(), "-p", "-c", "-f", db, "-a", app, "-u", realm, user],
                    input=password.encode(), check=True)
+
+
+def upload_with_retry(session, name, data, attempts=200):
+    """Uploads `data` into default/`name`, retrying while the daemon still
+    holds the writer lock of an aborted upload (FAILED_PRECONDITION)."""
+    for _ in range(attempts):
+        try:
+            with session.open_upload("default", name) as up:
+                up.write(data)
+                return up.finish()
+        except ferry.Error as e:
+            if e.code_name != "FAILED_PRECONDITION":
+                raise
+            time.sleep(0.05)
+    raise AssertionError("the writer lock was never released")

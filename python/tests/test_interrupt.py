@@ -10,6 +10,7 @@ import time
 import pytest
 
 import ferry
+from conftest import upload_with_retry
 
 
 def _sigint_when(event):
@@ -38,21 +39,10 @@ def _endless_pipe(path, stop):
     return t
 
 
-def _upload_with_retry(session, name, data, attempts=200):
-    for _ in range(attempts):
-        try:
-            with session.open_upload("default", name) as up:
-                up.write(data)
-                return up.finish()
-        except ferry.Error as e:
-            if e.code_name != "FAILED_PRECONDITION":
-                raise
-            time.sleep(0.05)
-    raise AssertionError("the writer lock was never released")
 
 
 def _daemon_is_healthy(session, daemon, name):
-    reply = _upload_with_retry(session, name, b"after" * 1000)
+    reply = upload_with_retry(session, name, b"after" * 1000)
     assert reply.data_bytes == 5000
     assert session.vol_info("default", name).writing is False
     with ferry.connect(daemon.unix_uri) as fresh:

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import ferry
-from conftest import allocated_bytes, make_sparse_file, sha256_of
+from conftest import allocated_bytes, make_sparse_file, sha256_of, upload_with_retry
 
 SIZE = 64 << 20
 EXTENTS = [(0, 1 << 20), (5 << 20, 300000), (20 << 20, 3 << 20), (SIZE - 4096, 4096)]
@@ -163,7 +163,7 @@ def test_abort_of_an_upload_reaches_the_daemon_and_the_volume_is_free(session):
     with pytest.raises(ValueError):
         up.write(b"more")
     # The writer lock goes once the daemon has seen the abort.
-    r = _retry_upload(session, "ab.img", b"y" * 4096)
+    r = upload_with_retry(session, "ab.img", b"y" * 4096)
     assert r.data_bytes == 4096
     assert session.vol_info("default", "ab.img").writing is False
 
@@ -174,7 +174,7 @@ def test_upload_context_manager_aborts_on_exception(session):
         with session.open_upload("default", "cm.img") as up:
             up.write(b"z" * 65536)
             raise RuntimeError("boom")
-    r = _retry_upload(session, "cm.img", b"w" * 10)
+    r = upload_with_retry(session, "cm.img", b"w" * 10)
     assert r.data_bytes == 10
 
 
@@ -198,17 +198,3 @@ def test_finish_before_the_end_of_a_download_is_refused(session):
             down.finish()
 
 
-def _retry_upload(session, name, data, attempts=100):
-    """Uploads `data`, retrying while the daemon still holds the writer lock
-    of an aborted upload (FAILED_PRECONDITION)."""
-    import time
-    for _ in range(attempts):
-        try:
-            with session.open_upload("default", name) as up:
-                up.write(data)
-                return up.finish()
-        except ferry.Error as e:
-            if e.code_name != "FAILED_PRECONDITION":
-                raise
-            time.sleep(0.05)
-    raise AssertionError("the writer lock was never released")
