@@ -50,6 +50,16 @@ async def _await_op(start, *args):
         raise
 
 
+async def _stream_op(raw, reason, start, *args):
+    """_await_op on a stream: cancelling the awaiting task also aborts the
+    stream, telling the daemon `reason`."""
+    try:
+        return await _await_op(start, *args)
+    except asyncio.CancelledError:
+        raw.abort(reason)
+        raise
+
+
 async def connect(uri, **kwargs):
     """Connects (same arguments as ferry.connect) and returns an AsyncSession.
 
@@ -69,26 +79,14 @@ class AsyncUploadStream:
     async def write(self, data):
         """Sends the bytes of any buffer; returns once they are queued
         (within the stream's credit window)."""
-        try:
-            await _await_op(self._raw.write, data)
-        except asyncio.CancelledError:
-            self._raw.abort("upload cancelled")
-            raise
+        await _stream_op(self._raw, "upload cancelled", self._raw.write, data)
 
     async def write_hole(self, length):
-        try:
-            await _await_op(self._raw.write_hole, length)
-        except asyncio.CancelledError:
-            self._raw.abort("upload cancelled")
-            raise
+        await _stream_op(self._raw, "upload cancelled", self._raw.write_hole, length)
 
     async def finish(self):
         """Ends the upload; returns the daemon's UploadReply."""
-        try:
-            return await _await_op(self._raw.finish)
-        except asyncio.CancelledError:
-            self._raw.abort("upload cancelled")
-            raise
+        return await _stream_op(self._raw, "upload cancelled", self._raw.finish)
 
     def abort(self, reason="aborted by the client"):
         self._raw.abort(reason)
@@ -121,11 +119,7 @@ class AsyncDownloadStream:
 
     async def read(self):
         """Next piece: ("data", memoryview), ("hole", length) or ("end", None)."""
-        try:
-            return await _await_op(self._raw.read)
-        except asyncio.CancelledError:
-            self._raw.abort("download cancelled")
-            raise
+        return await _stream_op(self._raw, "download cancelled", self._raw.read)
 
     async def finish(self):
         return await _await_op(self._raw.finish)
